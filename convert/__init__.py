@@ -1,0 +1,58 @@
+"""`elm-mlx convert`: an OpenELM checkpoint in Apple's HF layout -> one folder
+with MLX safetensors, config.json and tokenizer.model. Output is written to a
+temporary folder beside the target and renamed at the end, so an interrupted
+conversion leaves nothing that loads."""
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+from tqdm import tqdm
+
+from ..checkpoint import DTYPE_NAMES, load_weights, parse_dtype
+from ..config import OpenELMConfig, read_config
+from ..errors import ElmError
+from ..tokenizer import resolve_tokenizer
+
+
+@contextmanager
+def atomic_folder(out: Path):
+    """Yields a temporary folder that becomes `out` only if the block succeeds.
+    Raises FileExistsError if `out` appeared meanwhile."""
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        os.rename(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out.exists():
+            raise FileExistsError(out) from None
+        raise ElmError(f"could not write {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True) -> Path:
+    src, out = Path(src), Path(out)
+    if out.exists():
+        raise ElmError(f"{out} already exists: remove it or choose another -o")
+    cfg_path = src / "config.json"
+    config = OpenELMConfig.from_dict(read_config(cfg_path), source=str(cfg_path))
+    mx_dtype = parse_dtype(dtype)
+    name = DTYPE_NAMES[mx_dtype]
+    tok = resolve_tokenizer(src, tokenizer)  # before the slow part: fail fast
+    weights = load_weights(src, config, mx_dtype)
+    with atomic_folder(out) as tmp:
+        for key in tqdm(weights, desc=f"{src.name} -> {name}", unit="tensor", disable=not progress):
+            mx.eval(weights[key])
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        meta = config.to_dict() | {"torch_dtype": name, "elm_mlx": {"dtype": name}}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.copyfile(tok, tmp / "tokenizer.model")
+    return out

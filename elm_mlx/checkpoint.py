@@ -1,0 +1,114 @@
+"""Reading OpenELM weights from a folder: Apple's HF layout (one
+model.safetensors, or shards with an index) and folders elm-mlx wrote, which
+use the same key names. Every file is checked against the config before MLX
+reads it, so a bad file fails with its name, the key and the expected shape."""
+
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import OpenELMConfig
+from .errors import ElmError
+
+DTYPES = {
+    "float32": mx.float32, "fp32": mx.float32,
+    "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
+    "float16": mx.float16, "fp16": mx.float16,
+}
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = {"F32", "F16", "BF16"}
+INDEX = "model.safetensors.index.json"
+
+
+def parse_dtype(name: str | None, flag: str = "--dtype"):
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ElmError(f"{flag} {name!r}: expected one of bf16, fp16, fp32")
+    return DTYPES[name]
+
+
+def weight_files(folder: Path) -> list:
+    """The safetensors files of a checkpoint folder, in Apple's HF naming."""
+    index = folder / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ElmError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise ElmError(f"{index} lists {f.name}, which is missing from {folder}: "
+                               "the download or copy is incomplete")
+        return files
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise ElmError(f"no weights in {folder}: expected model.safetensors, or model-0000N-of-0000M.safetensors "
+                   f"shards with {INDEX}")
+
+
+def read_header(path: Path) -> dict:
+    """{key: (dtype, shape)} from a safetensors header, validated against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n <= 0 or n > size - 8:
+            raise ElmError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ElmError(f"{path}: not a safetensors file (header is not JSON)") from None
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            numel = 1
+            for s in shape:
+                numel *= s
+            ok = end - start == numel * _ITEMSIZE[dtype] and 8 + n + end <= size
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ElmError(f"{path}: tensor {key!r} has a malformed or truncated entry; the file is damaged")
+        tensors[key] = (dtype, shape)
+    return tensors
+
+
+def load_weights(folder: Path, cfg: OpenELMConfig, dtype=None) -> dict:
+    """All weights as MLX arrays in `dtype` (None: as stored), after checking
+    every key and shape against cfg."""
+    expected = cfg.weight_shapes()
+    found = {}
+    for path in weight_files(folder):
+        for key, (st_dtype, shape) in read_header(path).items():
+            if key not in expected:
+                hint = ""
+                if key == "lm_head.weight":
+                    hint = " (config.json says share_input_output_layers=true: the head is the embedding)"
+                raise ElmError(f"{path}: unexpected key {key!r}{hint}; is this an OpenELM checkpoint of this config?")
+            if shape != expected[key]:
+                raise ElmError(f"{path}: {key} has shape {list(shape)}, expected {list(expected[key])} "
+                               f"from {folder / 'config.json'}")
+            if st_dtype not in _FLOATS:
+                raise ElmError(f"{path}: {key} is stored as {st_dtype}, expected F32, F16 or BF16")
+            found[key] = path
+    missing = [k for k in expected if k not in found]
+    if missing:
+        files = ", ".join(p.name for p in weight_files(folder))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ElmError(f"{folder}: key {missing[0]} with shape {list(expected[missing[0]])} is missing "
+                       f"from {files}{more}")
+    weights = {}
+    for path in sorted(set(found.values())):
+        for key, value in mx.load(str(path)).items():
+            weights[key] = value if dtype is None or value.dtype == dtype else value.astype(dtype)
+    return weights
+

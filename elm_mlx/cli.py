@@ -1,0 +1,117 @@
+"""The `elm-mlx` command."""
+
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import ElmError
+
+app = typer.Typer(
+    help="Run Apple's OpenELM language models on MLX.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = ("A model folder (Apple's HF layout or `elm-mlx convert` output), a preset "
+              "(270M, 450M, 1_1B, 3B, each also -Instruct; see `elm-mlx models`) or a hub id "
+              "(apple/OpenELM-3B). Presets and hub ids are downloaded once into the Hugging Face "
+              "cache and converted once.")
+DTYPE_HELP = "Compute dtype: bf16, fp16 or fp32. Default: bf16 (as stored for converted folders)."
+TOKENIZER_HELP = ("Llama-2 tokenizer.model to use when the model folder has none "
+                  "(Apple's repos ship none); otherwise an ungated hub copy is fetched and checked.")
+
+
+def user_errors(fn):
+    """Print ElmError as one line and exit 2, instead of a traceback."""
+    @wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ElmError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+    return run
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: str = typer.Argument(..., help="Text to continue ('-' reads standard input). BOS is prepended."),
+    model: str = typer.Option(..., "--model", "-M", help=MODEL_HELP),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="Most tokens to generate; stops earlier at EOS."),
+    temp: float = typer.Option(0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens; 0 is off."),
+    top_p: float = typer.Option(1.0, help="Keep the smallest set of tokens with this much probability; 1 is off."),
+    min_p: float = typer.Option(0.0, help="Drop tokens less likely than min-p x the top one; 0 is off."),
+    repetition_penalty: float = typer.Option(
+        1.0, help="Penalize every token already in the context (transformers' semantics); "
+        "Apple suggests 1.2 for OpenELM. 1 is off."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+):
+    """Continue a prompt, streaming the text to stdout and the speed to stderr."""
+    from . import load, stream_generate
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model_, tok = load(model, dtype=dtype, tokenizer=tokenizer)
+    last = None
+    try:
+        for last in stream_generate(model_, tok, prompt, max_tokens, temp=temp, top_k=top_k, top_p=top_p,
+                                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.write("\n")
+    if last is not None:
+        typer.echo(
+            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+            f"peak memory: {last.peak_memory_gb:.2f} GB", err=True)
+
+
+@app.command()
+@user_errors
+def convert(
+    src: str = typer.Argument(..., help="Apple HF checkpoint folder, preset or hub id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to create (must not exist)."),
+    dtype: str = typer.Option("bf16", help="Stored dtype: bf16, fp16 or fp32."),
+    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+):
+    """Convert an OpenELM checkpoint into one MLX folder (weights, config, tokenizer)."""
+    from .convert import convert as run
+    from .hub import download, repo_id
+
+    path = Path(src).expanduser()
+    if not path.exists():
+        repo = repo_id(src)
+        if repo is None:
+            raise ElmError(f"SRC {src!r} is not a folder, a preset or a hub id (org/name)")
+        path = download(repo)
+    run(path, output, dtype=dtype, tokenizer=tokenizer)
+    typer.echo(f"wrote {output}", err=True)
+
+
+@app.command()
+def models():
+    """List the presets: hub id, parameters, layers and memory."""
+    from .config import PRESETS, OpenELMConfig
+
+    typer.echo(f"{'preset':<15}{'hub id':<30}{'parameters':>15}{'layers':>8}{'bf16 GB':>9}{'KV@2048 MiB':>13}")
+    for name in PRESETS:
+        cfg = OpenELMConfig.from_preset(name)
+        n = cfg.num_parameters()
+        kv = cfg.kv_bytes_per_token() * cfg.max_context_length / 2**20
+        typer.echo(f"{name:<15}{'apple/OpenELM-' + name:<30}{n:>15,}{cfg.num_transformer_layers:>8}"
+                   f"{n * 2 / 1e9:>9.2f}{kv:>13.1f}")
+
+
+def main():
+    app()

@@ -1,0 +1,165 @@
+"""The Llama-2 SentencePiece tokenizer that OpenELM uses, and where to find it.
+
+OpenELM checkpoints ship without a tokenizer; Apple points at the gated Llama-2 repo.
+We never need that gate: the model folder or a user-given file comes first, then an
+ungated hub copy that is only trusted because its sha256 matches the real one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import ElmError
+
+TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def _replace_each_byte(err: UnicodeDecodeError) -> tuple[str, int]:
+    # SentencePiece's decode gives every invalid byte its own U+FFFD; Python's "replace"
+    # gives one per truncated sequence. Match SentencePiece so streamed == decoded.
+    return "\ufffd" * (err.end - err.start), err.end
+
+
+codecs.register_error("elm_mlx.sp_replace", _replace_each_byte)
+
+
+class StreamingDetokenizer:
+    """Turns one sequence of token ids into text, a token at a time, in O(1) per token."""
+
+    def __init__(self, table: list[bytes], literal_space: frozenset[int], continuation: bool = False):
+        self._table = table
+        self._literal_space = literal_space
+        # SentencePiece drops the dummy-prefix space of the first text piece of a sequence
+        # only; generated text that follows a prompt keeps it.
+        self._at_start = not continuation
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("elm_mlx.sp_replace")
+        self._chunks: list[str] = []
+
+    def add_token(self, token_id: int) -> str:
+        data = self._table[token_id]
+        if self._at_start and data:  # control tokens (b"") don't end the start
+            self._at_start = False
+            if data[:1] == b" " and token_id not in self._literal_space:
+                data = data[1:]
+        return self._emit(self._utf8.decode(data))  # holds back half a character
+
+    def finalize(self) -> str:
+        return self._emit(self._utf8.decode(b"", final=True))
+
+    @property
+    def text(self) -> str:
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        return self._chunks[0] if self._chunks else ""
+
+    def _emit(self, text: str) -> str:
+        if text:
+            self._chunks.append(text)
+        return text
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise ElmError(
+                f"{self.path}: not a valid SentencePiece tokenizer.model ({e}). Replace it with "
+                f"the Llama-2 tokenizer.model (sha256 {TOKENIZER_SHA256})."
+            ) from None
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.vocab_size: int = self._sp.vocab_size()
+        self._table: tuple[list[bytes], frozenset[int]] | None = None
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return self._sp.encode(text, add_bos=add_bos)
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def detokenizer(self, continuation: bool = False) -> StreamingDetokenizer:
+        return StreamingDetokenizer(*self._bytes_table(), continuation=continuation)
+
+    def _bytes_table(self) -> tuple[list[bytes], frozenset[int]]:
+        # Built once (~50 ms for 32k pieces) so streaming never calls back into SentencePiece.
+        if self._table is None:
+            sp, table, literal_space = self._sp, [], set()
+            for i in range(sp.vocab_size()):
+                piece = sp.id_to_piece(i)
+                if sp.is_control(i):
+                    data = b""
+                elif sp.is_unknown(i):
+                    data = " \u2047 ".encode()  # how SentencePiece renders <unk>
+                elif sp.is_byte(i):
+                    data = bytes([int(piece[3:5], 16)])  # "<0xNN>"
+                else:
+                    data = piece.replace("\u2581", " ").encode()
+                # These spaces are real text, not the dummy prefix: never stripped.
+                if data[:1] == b" " and (sp.is_unknown(i) or sp.is_byte(i)):
+                    literal_space.add(i)
+                table.append(data)
+            self._table = (table, frozenset(literal_space))
+        return self._table
+
+
+def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None) -> Path:
+    """Find tokenizer.model: the model folder, then --tokenizer PATH, then the hub copy."""
+    if explicit is not None:
+        explicit = Path(explicit).expanduser()
+        if not explicit.is_file():
+            raise ElmError(
+                f"--tokenizer {explicit}: no such file. Pass the path of a SentencePiece "
+                f"tokenizer.model, or leave --tokenizer out to use the model folder's."
+            )
+    searched = []
+    if model_dir is not None:
+        local = Path(model_dir) / TOKENIZER_FILE
+        if local.is_file():
+            if explicit is not None and not os.path.samefile(local, explicit):
+                print(f"warning: using {local} from the model folder, not --tokenizer {explicit}",
+                      file=sys.stderr)
+            return local
+        searched.append(f"{local} (not there)")
+    if explicit is not None:
+        return explicit
+    searched.append("--tokenizer PATH (not given)")
+
+    try:
+        # Imported here: it is slow to import and only needed when nothing local exists.
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE))
+    except Exception as e:  # offline, not cached, network or hub errors all end the same way
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        searched.append(f"hub repo {TOKENIZER_REPO} ({type(e).__name__}: {reason})")
+        where = "\n".join(f"  {n}. {s}" for n, s in enumerate(searched, 1))
+        folder = f"the model folder {model_dir}" if model_dir is not None else "the model folder"
+        raise ElmError(
+            f"No {TOKENIZER_FILE} found. Searched:\n{where}\nPut the Llama-2 {TOKENIZER_FILE} "
+            f"in {folder}, or pass --tokenizer PATH, or connect to the internet once (without "
+            f"HF_HUB_OFFLINE=1) so it can be fetched from {TOKENIZER_REPO}."
+        ) from None
+
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != TOKENIZER_SHA256:
+        raise ElmError(
+            f"{path} (from {TOKENIZER_REPO}) has sha256 {actual}, expected {TOKENIZER_SHA256}: "
+            f"it is not the Llama-2 tokenizer. Delete it from the Hugging Face cache to fetch it "
+            f"again, or pass --tokenizer PATH to a verified copy."
+        )
+    return path
+
+
+def load_tokenizer(model_dir: Path | None, explicit: str | Path | None = None) -> Tokenizer:
+    return Tokenizer(resolve_tokenizer(model_dir, explicit))
