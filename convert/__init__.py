@@ -16,7 +16,7 @@ from tqdm import tqdm
 from ..checkpoint import DTYPE_NAMES, load_weights, parse_dtype
 from ..config import OpenELMConfig, read_config
 from ..errors import ElmError
-from ..tokenizer import resolve_tokenizer
+from ..tokenizer import Tokenizer, resolve_tokenizer
 
 
 @contextmanager
@@ -43,16 +43,20 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
     if out.exists():
         raise ElmError(f"{out} already exists: remove it or choose another -o")
     cfg_path = src / "config.json"
-    config = OpenELMConfig.from_dict(read_config(cfg_path), source=str(cfg_path))
+    raw = read_config(cfg_path)
+    config = OpenELMConfig.from_dict(raw, source=str(cfg_path))
     mx_dtype = parse_dtype(dtype)
     name = DTYPE_NAMES[mx_dtype]
-    tok = resolve_tokenizer(src, tokenizer)  # before the slow part: fail fast
+    tok = Tokenizer(resolve_tokenizer(src, tokenizer)).path  # before the slow part: fail fast
     weights = load_weights(src, config, mx_dtype)
     with atomic_folder(out) as tmp:
         for key in tqdm(weights, desc=f"{src.name} -> {name}", unit="tensor", disable=not progress):
             mx.eval(weights[key])
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        meta = config.to_dict() | {"torch_dtype": name, "elm_mlx": {"dtype": name}}
+        # The source's own fields stay (num_gqa_groups, qkv_multipliers, ...);
+        # auto_map goes: it points at remote code we don't copy.
+        meta = {k: v for k, v in raw.items() if k != "auto_map"}
+        meta |= {"torch_dtype": name, "elm_mlx": {"dtype": name}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copyfile(tok, tmp / "tokenizer.model")
     return out

@@ -86,9 +86,11 @@ def convert(
     tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
 ):
     """Convert an OpenELM checkpoint into one MLX folder (weights, config, tokenizer)."""
+    from .checkpoint import parse_dtype
     from .convert import convert as run
     from .hub import download, repo_id
 
+    parse_dtype(dtype)  # before a download of up to 12 GB
     path = Path(src).expanduser()
     if not path.exists():
         repo = repo_id(src)

@@ -24,10 +24,11 @@ class GenerationResponse:
     finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or context), else None
 
 
-def encode_prompt(tokenizer, prompt, max_context: int) -> list:
+def encode_prompt(tokenizer, prompt, room: int, max_context: int) -> list:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if len(ids) >= max_context:
-        raise ElmError(f"the prompt is {len(ids)} tokens; OpenELM's context is {max_context} tokens "
+    if len(ids) >= room:
+        used = f" after {max_context - room} cached tokens" if room < max_context else ""
+        raise ElmError(f"the prompt is {len(ids)} tokens{used}; OpenELM's context is {max_context} tokens "
                        "and generation needs at least one more: shorten the prompt")
     return ids
 
@@ -64,22 +65,26 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
         y = next_y
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, **sampling):
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, **sampling):
     """Yields a GenerationResponse per generated token; the last one has
-    finish_reason set. `prompt` is text (BOS is added) or a list of ids."""
+    finish_reason set. `prompt` is text (BOS is added) or a list of ids.
+    With `cache` (from make_cache, possibly holding earlier turns) the prompt
+    continues what the cache holds, and the cache keeps the new context; the
+    repetition penalty then sees only this prompt and its output."""
     check_sampling(**{k: v for k, v in sampling.items() if k != "seed"})
     if max_tokens < 0:
         raise ElmError(f"--max-tokens {max_tokens}: expected >= 0")
     max_context = model.config.max_context_length
-    ids = encode_prompt(tokenizer, prompt, max_context)
-    max_tokens = min(max_tokens, max_context - len(ids))
+    cached = cache[0].offset if cache else 0
+    ids = encode_prompt(tokenizer, prompt, max_context - cached, max_context)
+    max_tokens = min(max_tokens, max_context - cached - len(ids))
     if max_tokens == 0:
         return
-    detok = tokenizer.detokenizer(continuation=any(t != tokenizer.bos_id for t in ids))
+    detok = tokenizer.detokenizer(continuation=cached > 0 or any(t != tokenizer.bos_id for t in ids))
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    for n, token in enumerate(generate_tokens(model, ids, **sampling), start=1):
+    for n, token in enumerate(generate_tokens(model, ids, cache=cache, **sampling), start=1):
         now = time.perf_counter()
         if n == 1:
             first, prompt_tps = now, len(ids) / (now - tic)

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from .checkpoint import DTYPE_NAMES, parse_dtype
 from .config import PRESETS, preset_name
 from .errors import ElmError
 
@@ -31,8 +32,7 @@ def repo_id(name: str) -> str | None:
 
 def download(repo: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo, allow_patterns=ALLOW))
@@ -60,8 +60,9 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
     if repo is None:
         raise ElmError(f"--model {name!r} is not a folder, a preset ({', '.join(PRESETS)}) "
                        "or a hub id (org/name)")
+    # Parsed before a download of gigabytes; one cache entry per dtype, whatever its spelling.
+    dtype = DTYPE_NAMES[parse_dtype(dtype or "bf16")]
     snapshot = download(repo)
-    dtype = dtype or "bf16"
     target = cache_root() / repo.replace("/", "--") / f"{snapshot.name[:12]}-{dtype}"
     if not target.exists():
         from .convert import convert

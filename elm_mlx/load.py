@@ -7,7 +7,6 @@ import mlx.core as mx
 
 from .checkpoint import DTYPE_NAMES, load_weights, parse_dtype
 from .config import OpenELMConfig, read_config
-from .errors import ElmError
 from .hub import resolve
 from .model import Model
 from .tokenizer import load_tokenizer

@@ -1,9 +1,9 @@
 import json
 
 import pytest
-
 from checkpoints import TINY, openelm_270m_config, param_count
-from elm_mlx.config import PRESETS, OpenELMConfig, make_divisible, preset_name
+
+from elm_mlx.config import OpenELMConfig, make_divisible, preset_name
 from elm_mlx.errors import ElmError
 
 # Published parameter counts of Apple's HF artifacts (vocab 32000, tied head).

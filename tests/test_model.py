@@ -4,31 +4,16 @@ NumPy forward (tests/reference.py) and mlx-lm's openelm model."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models import openelm as mlx_lm_openelm
-
 from checkpoints import TINY, openelm_270m_config, random_weights
-from elm_mlx.cache import make_cache
-from elm_mlx.config import OpenELMConfig
-from elm_mlx.model import Model
+from engine import build, mlx_lm_model
+from engine import logits as run
 from reference import reference_logits
+
+from elm_mlx.cache import make_cache
 
 TOKENS = [1, 17, 300, 42, 42, 5, 511, 250, 3, 99, 128, 7]
 
 
-def build(cfg: dict, weights: dict, dtype=mx.float32) -> Model:
-    model = Model(OpenELMConfig.from_dict(cfg))
-    model.load_weights([(k, mx.array(v).astype(dtype)) for k, v in weights.items()])
-    return model
-
-
-def mlx_lm_model(cfg: dict, weights: dict):
-    model = mlx_lm_openelm.Model(mlx_lm_openelm.ModelArgs.from_dict(cfg))
-    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
-    return model
-
-
-def run(model, tokens):
-    return np.array(model(mx.array([tokens])).astype(mx.float32))[0]
 
 
 @pytest.fixture(scope="module", params=list(TINY))

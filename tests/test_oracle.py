@@ -14,9 +14,6 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from safetensors import safe_open
-from safetensors.numpy import load_file
-
 from checkpoints import (
     TINY,
     ffn_dim,
@@ -29,6 +26,8 @@ from checkpoints import (
     write_safetensors,
 )
 from reference import reference_logits
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 TOKENS = [1, 17, 300, 5, 511, 42, 42, 7, 256, 3, 99, 2]
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from hub_cache import make_hub_repo, use_hub_cache
 
 from elm_mlx.errors import ElmError
 from elm_mlx.tokenizer import (
@@ -14,9 +15,6 @@ from elm_mlx.tokenizer import (
     load_tokenizer,
     resolve_tokenizer,
 )
-from hub_cache import make_hub_repo, use_hub_cache
-
-TOKENIZER_PATH = Path(__file__).resolve().parents[2] / "shared/llama2-tokenizer/tokenizer.model"
 
 TEXTS = [
     "Once upon a time there was",
@@ -30,15 +28,13 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not TOKENIZER_PATH.is_file():
-        pytest.skip(f"../shared/llama2-tokenizer/tokenizer.model not found: expected at {TOKENIZER_PATH}")
-    return Tokenizer(TOKENIZER_PATH)
+def tok(llama_tokenizer):
+    return Tokenizer(llama_tokenizer)
 
 
 @pytest.fixture(scope="module")
-def sp(tok):
-    return spm.SentencePieceProcessor(model_file=str(TOKENIZER_PATH))
+def sp(tok, llama_tokenizer):
+    return spm.SentencePieceProcessor(model_file=str(llama_tokenizer))
 
 
 def stream(tok, ids, continuation=False):
@@ -48,11 +44,11 @@ def stream(tok, ids, continuation=False):
     return chunks
 
 
-def test_known_encoding_and_special_ids(tok):
+def test_known_encoding_and_special_ids(tok, llama_tokenizer):
     assert tok.encode("Once upon a time there was") == [1, 9038, 2501, 263, 931, 727, 471]
     assert tok.encode("Once upon a time there was", add_bos=False) == [9038, 2501, 263, 931, 727, 471]
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 32000)
-    assert tok.path == TOKENIZER_PATH
+    assert tok.path == llama_tokenizer
     assert tok.decode([1, 9038, 2501, 263, 931, 727, 471, 2]) == "Once upon a time there was"
     assert tok.encode("") == [1]
 
@@ -166,10 +162,10 @@ def test_hub_cache_helper_matches_huggingface_hub(tmp_path, monkeypatch):
     assert Path(hf_hub_download("someorg/other", "a.txt", revision="v2")) == tagged / "a.txt"
 
 
-def test_model_folder_beats_explicit_and_warns(tok, tmp_path, offline_empty_hub, capsys):
-    model = model_dir_with(tmp_path, TOKENIZER_PATH.read_bytes())
+def test_model_folder_beats_explicit_and_warns(tok, tmp_path, offline_empty_hub, capsys, llama_tokenizer):
+    model = model_dir_with(tmp_path, llama_tokenizer.read_bytes())
     other = tmp_path / "elsewhere.model"
-    shutil.copyfile(TOKENIZER_PATH, other)
+    shutil.copyfile(llama_tokenizer, other)
     assert resolve_tokenizer(model, other) == model / "tokenizer.model"
     err = capsys.readouterr().err
     assert "warning" in err and str(model / "tokenizer.model") in err and str(other) in err
@@ -178,16 +174,16 @@ def test_model_folder_beats_explicit_and_warns(tok, tmp_path, offline_empty_hub,
     assert capsys.readouterr().err == ""  # same file: nothing to warn about
 
 
-def test_explicit_used_when_model_folder_has_none(tok, tmp_path, offline_empty_hub, capsys):
+def test_explicit_used_when_model_folder_has_none(tok, tmp_path, offline_empty_hub, capsys, llama_tokenizer):
     model = model_dir_with(tmp_path, None)
-    assert resolve_tokenizer(model, str(TOKENIZER_PATH)) == TOKENIZER_PATH
-    assert resolve_tokenizer(None, TOKENIZER_PATH) == TOKENIZER_PATH
+    assert resolve_tokenizer(model, str(llama_tokenizer)) == llama_tokenizer
+    assert resolve_tokenizer(None, llama_tokenizer) == llama_tokenizer
     assert capsys.readouterr().err == ""
-    assert load_tokenizer(model, TOKENIZER_PATH).encode("Once", add_bos=False) == [9038]
+    assert load_tokenizer(model, llama_tokenizer).encode("Once", add_bos=False) == [9038]
 
 
-def test_hub_copy_used_offline(tok, tmp_path, monkeypatch):
-    snap = make_hub_repo(tmp_path / "hub", TOKENIZER_REPO, {"tokenizer.model": TOKENIZER_PATH})
+def test_hub_copy_used_offline(tok, tmp_path, monkeypatch, llama_tokenizer):
+    snap = make_hub_repo(tmp_path / "hub", TOKENIZER_REPO, {"tokenizer.model": llama_tokenizer})
     use_hub_cache(monkeypatch, tmp_path / "hub")
     model = model_dir_with(tmp_path, None)
     assert resolve_tokenizer(model) == snap / "tokenizer.model"

@@ -1,0 +1,86 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from checkpoints import make_hf_checkpoint
+from engine import TINY_32K
+from typer.testing import CliRunner
+
+from elm_mlx import generate, load
+from elm_mlx.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny32k")
+    make_hf_checkpoint(path, TINY_32K, seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(folder, tmp_path_factory, llama_tokenizer):
+    path = tmp_path_factory.mktemp("tiny32k_tok")
+    shutil.copytree(folder, path, dirs_exist_ok=True)
+    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
+    return path
+
+
+def test_generate_streams_text_to_stdout_and_stats_to_stderr(with_tokenizer):
+    r = runner.invoke(app, ["generate", "--model", str(with_tokenizer), "Once upon a time", "-m", "12",
+                            "--dtype", "fp32"])
+    assert r.exit_code == 0, r.stderr
+    model, tok = load(with_tokenizer, dtype="fp32")
+    assert r.stdout == generate(model, tok, "Once upon a time", 12) + "\n"
+    assert "prompt: 5 tokens" in r.stderr and "generation: 12 tokens" in r.stderr and "peak memory" in r.stderr
+
+
+def test_tokenizer_flag_serves_a_folder_without_one(folder, llama_tokenizer):
+    r = runner.invoke(app, ["generate", "-M", str(folder), "Hi", "-m", "3", "--tokenizer",
+                            str(llama_tokenizer), "--temp", "0.8", "--top-p", "0.9", "--seed", "1",
+                            "--repetition-penalty", "1.2"])
+    assert r.exit_code == 0, r.stderr
+    assert "generation: 3 tokens" in r.stderr
+
+
+def test_prompt_from_stdin(with_tokenizer):
+    r = runner.invoke(app, ["generate", "-M", str(with_tokenizer), "-", "-m", "2"], input="Hello there")
+    assert r.exit_code == 0 and "prompt: 3 tokens" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "no/such/dir/x"], "error: --model 'no/such/dir/x' is not a folder, a preset"),
+    (["--dtype", "int4"], "error: --dtype 'int4': expected one of bf16, fp16, fp32"),
+    (["--temp", "-1"], "error: --temp -1.0: expected >= 0"),
+    (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
+])
+def test_bad_flags_say_what_is_wrong_without_a_traceback(with_tokenizer, args, message):
+    argv = ["generate", "-M", str(with_tokenizer), "x"] + args
+    if args[0] == "--model":
+        argv = ["generate", "x"] + args
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2
+    assert message in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize("command", ["generate", "convert", "models"])
+def test_every_command_has_short_help(command):
+    r = runner.invoke(app, [command, "-h"])
+    assert r.exit_code == 0 and "Usage" in r.stdout
+
+
+def test_models_lists_presets_with_exact_parameters():
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0
+    for line in ["270M-Instruct", "apple/OpenELM-3B", "271,527,168", "1,079,891,456", "3,036,647,424"]:
+        assert line in r.stdout
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).with_name("elm-mlx")  # where pip puts this interpreter's scripts
+    assert exe.exists(), f"{exe} missing: install the package (pip install -e .)"
+    out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "generate" in out.stdout and "convert" in out.stdout
