@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+from elm_mlx.convert.quantize import make_plan, quantize, sensitive_modules
+from elm_mlx.convert.report import TEXT, compare, log_probs
 
 from elm_mlx.checkpoint import load_weights
 from elm_mlx.config import OpenELMConfig, read_config
-from elm_mlx.convert.quantize import make_plan, quantize, sensitive_modules
-from elm_mlx.convert.report import TEXT, compare, log_probs
 from elm_mlx.load import quantize_modules
 from elm_mlx.model import Model
 from elm_mlx.tokenizer import Tokenizer

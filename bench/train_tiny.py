@@ -3,15 +3,15 @@ whose weights have the statistics of trained ones (for quantization studies:
 random weights are unrealistically easy or hard to quantize).
 
 The model is OpenELM's architecture at a small size: 6 layers, model_dim 256,
-head_dim 32, layer-wise scaling of heads (4..8 query heads, 4 per KV head... as
-the real sizes: 0.5 -> 1.0) and FFN widths (0.5 -> 4.0), the real 32000-token
+head_dim 32, layer-wise scaling of heads (4 -> 8 query heads, 4 per KV head, as
+in the real sizes) and FFN widths (0.5 -> 4.0 x model_dim), the real 32000-token
 Llama-2 vocabulary and tokenizer, tied embeddings. Training: next-token
 cross-entropy on bench/data/corpus.txt (public-domain passages), AdamW
 (lr 3e-3, betas 0.9/0.95, weight decay 0.1, as CoreNet's recipe), 64-token
-windows at random offsets, batch 16, fixed seeds. Written as an Apple-layout HF
+windows at random offsets, batch 8, fixed seeds. Written as an Apple-layout HF
 folder (fp32 safetensors + config.json) that every converter path reads.
 
-    python bench/train_tiny.py OUT [--steps 600]
+    python bench/train_tiny.py OUT [--steps 300]
 """
 
 import argparse
@@ -40,11 +40,12 @@ TINY_TRAINED = hf_config(layers=6, model_dim=256, head_dim=32, num_query_heads=[
                          vocab_size=32000, ffn_dim_divisor=64)
 
 
-def train(out: Path, steps: int = 600, tokenizer: Path = TOKENIZER, seed: int = 0, log=print) -> dict:
+def train(out: Path, steps: int = 300, tokenizer: Path = TOKENIZER, seed: int = 0, log=print,
+          config: dict = TINY_TRAINED, batch: int = 8) -> dict:
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
     ids = np.array(Tokenizer(tokenizer).encode(CORPUS.read_text()), dtype=np.int32)
-    model = Model(OpenELMConfig.from_dict(TINY_TRAINED))
+    model = Model(OpenELMConfig.from_dict(config))
     # CoreNet's init: linear std in^-0.5, embeddings d^-0.5, residual outputs / sqrt(2L).
     params = {}
     for k, v in tree_flatten(model.parameters()):
@@ -61,7 +62,7 @@ def train(out: Path, steps: int = 600, tokenizer: Path = TOKENIZER, seed: int = 
     schedule = optim.cosine_decay(3e-3, steps, 3e-4)
     opt = optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=0.1)
     step = nn.value_and_grad(model, loss_fn)
-    seq, batch = 64, 16
+    seq = 64
     for i in range(steps):
         starts = rng.integers(0, len(ids) - seq - 1, batch)
         x = mx.array(np.stack([ids[s:s + seq] for s in starts]))
@@ -73,13 +74,13 @@ def train(out: Path, steps: int = 600, tokenizer: Path = TOKENIZER, seed: int = 
         if i % 100 == 0 or i == steps - 1:
             log(f"step {i}: loss {loss.item():.3f}")
     weights = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
-    make_hf_checkpoint(out, TINY_TRAINED, weights=weights)
+    make_hf_checkpoint(out, config, weights=weights)
     return weights
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     a = p.parse_args()
     train(a.out, a.steps)

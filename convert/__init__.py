@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..checkpoint import DTYPE_NAMES, parse_dtype
 from ..errors import ElmError
+from ..load import check_tokenizer_json
 from ..tokenizer import Tokenizer, resolve_tokenizer
 from .average import averaged, check_averageable
 from .quantize import make_plan, quantize
@@ -138,6 +139,8 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
                                "a quantized 3B computes in bf16 (leave --dtype at bf16)")
             plan = make_plan(cfg, quant, group_size)
         tok = Tokenizer(resolve_tokenizer(first.tokenizer_dir, tokenizer))  # before the slow part: fail fast
+        if first.tokenizer_dir is not None:
+            check_tokenizer_json(first.tokenizer_dir, tok)
         name = DTYPE_NAMES[mx_dtype]
         with output_lock(out):
             if out.exists():

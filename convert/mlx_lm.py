@@ -31,7 +31,9 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     try:
         from transformers import AutoTokenizer
+        from transformers.utils import logging
 
+        logging.set_verbosity_error()  # it warns that "openelm" is no model type it knows: expected
         AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
     except Exception as e:  # transformers' conversion raises many types; the message is what matters
         raise ElmError(f"--to mlx-lm: could not build tokenizer.json from {folder / 'tokenizer.model'} "

@@ -9,7 +9,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..checkpoint import load_weights
+from ..checkpoint import check_weights
 from ..config import OpenELMConfig, read_config
 from ..errors import ElmError
 from ..load import read_quantization
@@ -31,11 +31,17 @@ def open_folder(folder: Path) -> Source:
     raw = read_config(folder / "config.json")
     cfg = OpenELMConfig.from_dict(raw, source=str(folder / "config.json"))
     quantization = read_quantization(raw, str(folder / "config.json"))
-    weights = load_weights(folder, cfg, quantization=quantization)  # lazy: nothing read yet
+    files = check_weights(folder, cfg, quantization)
+
+    def read(key):
+        # A fresh lazy array each time: one kept in a dict would stay in
+        # memory once evaluated, and averaging would hold every checkpoint.
+        return mx.load(str(files[key]))[key]
+
     # auto_map points at remote code we don't copy; the quantization entries
     # are rewritten by whoever quantizes; our own marker is rewritten on save.
     meta = {k: v for k, v in raw.items() if k not in ("auto_map", "quantization", "quantization_config", "elm_mlx")}
-    return Source(folder, cfg, meta, list(weights), weights.__getitem__, quantization, folder)
+    return Source(folder, cfg, meta, list(files), read, quantization, folder)
 
 
 def open_source(path, preset: str | None = None, yaml: Path | None = None) -> Source:

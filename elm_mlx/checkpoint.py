@@ -119,10 +119,9 @@ def expected_tensors(cfg: OpenELMConfig, quantization: dict | None, stored: set,
     return expected
 
 
-def load_weights(folder: Path, cfg: OpenELMConfig, dtype=None, quantization: dict | None = None) -> dict:
-    """All weights as (lazy) MLX arrays, floats in `dtype` (None: as stored),
-    after checking every key, shape and dtype against cfg and the quantization
-    entry of config.json."""
+def check_weights(folder: Path, cfg: OpenELMConfig, quantization: dict | None = None) -> dict:
+    """{key: file} after checking every key, shape and dtype of the folder's
+    safetensors headers against cfg and the quantization entry of config.json."""
     headers = {path: read_header(path) for path in weight_files(folder)}
     stored = {key for h in headers.values() for key in h}
     expected = expected_tensors(cfg, quantization, stored, str(folder / "config.json"))
@@ -149,6 +148,13 @@ def load_weights(folder: Path, cfg: OpenELMConfig, dtype=None, quantization: dic
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ElmError(f"{folder}: key {missing[0]} with shape {list(expected[missing[0]][0])} is missing "
                        f"from {files}{more}")
+    return found
+
+
+def load_weights(folder: Path, cfg: OpenELMConfig, dtype=None, quantization: dict | None = None) -> dict:
+    """All weights as (lazy) MLX arrays, floats in `dtype` (None: as stored),
+    after check_weights."""
+    found = check_weights(folder, cfg, quantization)
     weights = {}
     for path in sorted(set(found.values())):
         for key, value in mx.load(str(path)).items():

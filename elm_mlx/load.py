@@ -1,5 +1,6 @@
 """load(): a folder, a preset or a hub id -> (model, tokenizer)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -70,7 +71,27 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     dtype: "bf16" (default), "fp16" or "fp32". tokenizer: a tokenizer.model
     used when the model folder has none."""
     folder = resolve(str(name_or_path), dtype, tokenizer)
-    return load_model(folder, dtype), load_tokenizer(folder, tokenizer)
+    model, tok = load_model(folder, dtype), load_tokenizer(folder, tokenizer)
+    check_tokenizer_json(folder, tok)
+    return model, tok
+
+
+def check_tokenizer_json(folder: Path, tok) -> None:
+    """mlx-lm folders written with recent transformers carry tokenizer.json and
+    no tokenizer.model; the SentencePiece model then comes from --tokenizer or
+    the hub copy, and must be the one tokenizer.json describes."""
+    path = Path(folder) / "tokenizer.json"
+    if (Path(folder) / "tokenizer.model").exists() or not path.exists():
+        return
+    try:
+        vocab = json.loads(path.read_text())["model"]["vocab"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)") from None
+    pieces = tok.pieces()
+    differ = [p for p, i in vocab.items() if not (0 <= i < len(pieces) and pieces[i] == p)]
+    if differ or len(vocab) != len(pieces):
+        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {differ[:1] or len(vocab)!r}): "
+                       "this model was trained with another vocabulary; pass its tokenizer.model with --tokenizer")
 
 
 def dtype_name(model: Model) -> str:

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 import torch_format as tf
 from checkpoints import TINY, make_hf_checkpoint, openelm_270m_config, random_weights, round_to_dtype
+from elm_mlx.convert import build_weights
+from elm_mlx.convert.corenet import corenet_source
+from elm_mlx.convert.torch_zip import TorchCheckpoint
 from reference import reference_logits
 from typer.testing import CliRunner
 
 from elm_mlx import ElmError
 from elm_mlx.cli import app
 from elm_mlx.config import OpenELMConfig
-from elm_mlx.convert import build_weights, convert
-from elm_mlx.convert.corenet import corenet_source
-from elm_mlx.convert.torch_zip import TorchCheckpoint
 from elm_mlx.load import load_model
 
 TOKENS = [1, 17, 300, 5, 511, 42, 42, 7, 256, 3, 99, 2]

@@ -19,6 +19,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from checkpoints import TINY, make_hf_checkpoint, openelm_270m_config
+from elm_mlx.convert import convert
+from elm_mlx.convert.quantize import make_plan, sensitive_modules
+from elm_mlx.convert.report import TEXT
 from engine import TINY_32K
 from reference import reference_logits
 from typer.testing import CliRunner
@@ -26,9 +29,6 @@ from typer.testing import CliRunner
 from elm_mlx import ElmError
 from elm_mlx.cli import app
 from elm_mlx.config import OpenELMConfig
-from elm_mlx.convert import convert
-from elm_mlx.convert.quantize import make_plan, sensitive_modules
-from elm_mlx.convert.report import TEXT
 from elm_mlx.load import load_model
 from elm_mlx.tokenizer import Tokenizer
 
