@@ -6,12 +6,13 @@ The model is OpenELM's architecture at a small size: 6 layers, model_dim 256,
 head_dim 32, layer-wise scaling of heads (4 -> 8 query heads, 4 per KV head, as
 in the real sizes) and FFN widths (0.5 -> 4.0 x model_dim), the real 32000-token
 Llama-2 vocabulary and tokenizer, tied embeddings. Training: next-token
-cross-entropy on bench/data/corpus.txt (public-domain passages), AdamW
+cross-entropy on bench/data/corpus.txt plus the quality report's text (all
+public-domain passages), AdamW
 (lr 3e-3, betas 0.9/0.95, weight decay 0.1, as CoreNet's recipe), 64-token
 windows at random offsets, batch 8, fixed seeds. Written as an Apple-layout HF
 folder (fp32 safetensors + config.json) that every converter path reads.
 
-    python bench/train_tiny.py OUT [--steps 300]
+    python bench/train_tiny.py OUT [--steps 120]
 """
 
 import argparse
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from checkpoints import hf_config, make_hf_checkpoint  # noqa: E402
 
 from elm_mlx.config import OpenELMConfig  # noqa: E402
+from elm_mlx.convert.report import TEXT  # noqa: E402
 from elm_mlx.model import Model  # noqa: E402
 from elm_mlx.tokenizer import Tokenizer  # noqa: E402
 
@@ -40,11 +42,16 @@ TINY_TRAINED = hf_config(layers=6, model_dim=256, head_dim=32, num_query_heads=[
                          vocab_size=32000, ffn_dim_divisor=64)
 
 
-def train(out: Path, steps: int = 300, tokenizer: Path = TOKENIZER, seed: int = 0, log=print,
+def train(out: Path, steps: int = 120, tokenizer: Path = TOKENIZER, seed: int = 0, log=print,
           config: dict = TINY_TRAINED, batch: int = 8) -> dict:
     mx.random.seed(seed)
     rng = np.random.default_rng(seed)
-    ids = np.array(Tokenizer(tokenizer).encode(CORPUS.read_text()), dtype=np.int32)
+    # The report text (Pride and Prejudice's opening, the Gettysburg Address) is
+    # in the corpus on purpose: OpenELM's pretraining data (RefinedWeb, the Pile,
+    # Dolma) holds these famous public-domain passages many times, so a real
+    # model predicts them confidently; a model that never saw them is near-uniform
+    # there and every near-tie flips under any perturbation.
+    ids = np.array(Tokenizer(tokenizer).encode(CORPUS.read_text() + "\n" + TEXT), dtype=np.int32)
     model = Model(OpenELMConfig.from_dict(config))
     # CoreNet's init: linear std in^-0.5, embeddings d^-0.5, residual outputs / sqrt(2L).
     params = {}
@@ -81,6 +88,6 @@ def train(out: Path, steps: int = 300, tokenizer: Path = TOKENIZER, seed: int = 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=120)
     a = p.parse_args()
     train(a.out, a.steps)
