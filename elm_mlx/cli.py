@@ -119,7 +119,7 @@ def convert(
                 raise ElmError(f"SRC {s!r} is not a folder, a .pt file, a preset or a hub id (org/name)")
             path = download(repo)
         paths.append(path)
-    run(paths if average else paths[0] if len(paths) == 1 else paths, output, dtype=dtype, tokenizer=tokenizer,
+    run(paths, output, dtype=dtype, tokenizer=tokenizer,
         quant=quant, group_size=group_size, average=average, layout=to, preset=preset, config=config, report=report)
 
 
