@@ -38,7 +38,8 @@ def atomic_folder(out: Path):
         raise
 
 
-def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True) -> Path:
+def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True, label: str | None = None) -> Path:
+    """label names the source on the progress bar (default: its folder name)."""
     src, out = Path(src), Path(out)
     if out.exists():
         raise ElmError(f"{out} already exists: remove it or choose another -o")
@@ -50,7 +51,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
     tok = Tokenizer(resolve_tokenizer(src, tokenizer)).path  # before the slow part: fail fast
     weights = load_weights(src, config, mx_dtype)
     with atomic_folder(out) as tmp:
-        for key in tqdm(weights, desc=f"{src.name} -> {name}", unit="tensor", disable=not progress):
+        for key in tqdm(weights, desc=f"{label or src.name} -> {name}", unit="tensor", disable=not progress):
             mx.eval(weights[key])
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         # The source's own fields stay (num_gqa_groups, qkv_multipliers, ...);

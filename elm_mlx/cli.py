@@ -91,13 +91,13 @@ def convert(
     from .hub import download, repo_id
 
     parse_dtype(dtype)  # before a download of up to 12 GB
-    path = Path(src).expanduser()
+    path, label = Path(src).expanduser(), None
     if not path.exists():
-        repo = repo_id(src)
-        if repo is None:
+        label = repo_id(src)
+        if label is None:
             raise ElmError(f"SRC {src!r} is not a folder, a preset or a hub id (org/name)")
-        path = download(repo)
-    run(path, output, dtype=dtype, tokenizer=tokenizer)
+        path = download(label)
+    run(path, output, dtype=dtype, tokenizer=tokenizer, label=label)
     typer.echo(f"wrote {output}", err=True)
 
 
