@@ -2,10 +2,10 @@
 training, detection of -Instruct models (name, folder, converted output), overrides."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 from checkpoints import make_hf_checkpoint
+from elm_mlx.convert import convert
 from engine import TINY_32K
 from hub_cache import make_hub_repo, use_hub_cache
 from typer.testing import CliRunner
@@ -22,7 +22,6 @@ from elm_mlx.chat_template import (
     says_instruct,
 )
 from elm_mlx.cli import app
-from elm_mlx.convert import convert
 from elm_mlx.tokenizer import TOKENIZER_REPO, Tokenizer
 
 APPLE = ChatTemplate(OPENELM_TEMPLATE, "OpenELM-Instruct")
