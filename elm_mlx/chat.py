@@ -210,3 +210,5 @@ def repl(chat: Chat, title: str, out=sys.stdout):
                 say(chat, line, out)
         except ElmError as e:
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # outside a reply (Ctrl-C during one only stops it)
+            print("\n(interrupted)", file=out)

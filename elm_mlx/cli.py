@@ -118,8 +118,8 @@ def load_chat(model, dtype, tokenizer, chat_template, no_chat_template):
     from .hub import resolve
 
     folder = resolve(model, dtype, tokenizer)
-    model_, tok = load(folder, dtype=dtype, tokenizer=tokenizer)
-    return model_, tok, choose_template(folder, model, chat_template, no_chat_template)
+    template = choose_template(folder, model, chat_template, no_chat_template)  # before the slow part
+    return *load(folder, dtype=dtype, tokenizer=tokenizer), template
 
 
 @app.command()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -58,6 +59,10 @@ def json_type(v) -> str:
     return {float: "number", str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
 
 
+def a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
 TYPES = {"integer": ("integer",), "number": ("integer", "number"), "boolean": ("boolean",),
          "string": ("string",), "object": ("object",)}
 
@@ -68,8 +73,8 @@ def get(body: dict, name: str, kind: str, default=None, ok=lambda v: True, want:
     if v is None:
         return default
     if json_type(v) not in TYPES[kind]:
-        raise ApiError(400, f"Invalid type for '{name}': expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}, "
-                       f"but got {json_type(v)} instead.", name, "invalid_type")
+        raise ApiError(400, f"Invalid type for '{name}': expected {a(kind)}, but got {a(json_type(v))} instead.",
+                       name, "invalid_type")
     if not ok(v):
         raise ApiError(400, f"Invalid value for '{name}': {json.dumps(v)}. Expected {want}.", name, "invalid_value")
     return v
@@ -131,8 +136,8 @@ def read_messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise ApiError(400, f"Invalid type for '{where}': expected an object, but got {json_type(m)} instead.",
-                           where, "invalid_type")
+            raise ApiError(400, f"Invalid type for '{where}': expected an object, but got {a(json_type(m))} "
+                           "instead.", where, "invalid_type")
         role = "system" if m.get("role") == "developer" else m.get("role")  # OpenAI's newer name for it
         if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"Invalid value for '{where}.role': {json.dumps(m.get('role'))}. Expected 'system', "
@@ -194,7 +199,10 @@ class Job:
 
     def emit(self, kind: str, value=None):
         # From the worker thread into the request's event loop.
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # that loop has closed: nobody is listening any more
+            pass
 
 
 class Worker:
@@ -204,12 +212,23 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue()
         self.tokenizer = tokenizer
         self.busy = False
+        self.current: Job | None = None
+        self.stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(load_model,), daemon=True, name="elm-mlx-worker").start()
+        self.thread = threading.Thread(target=self._run, args=(load_model,), daemon=True, name="elm-mlx-worker")
+        self.thread.start()
         self._ready.wait()
         if self._error is not None:
             raise self._error
+
+    def stop(self):
+        """Ends the running and waiting requests (their clients are told) and then the thread,
+        so that open streams close at once and no MLX work outlives the server."""
+        self.stopping = True
+        if self.current is not None:
+            self.current.cancelled.set()
+        self.jobs.put(None)
 
     def _run(self, load_model):
         try:
@@ -223,16 +242,21 @@ class Worker:
             self._ready.set()
         while True:
             job = self.jobs.get()
+            if job is None:
+                return
+            if self.stopping:
+                job.emit("error", "the server is shutting down")
+                continue
             if job.cancelled.is_set():  # its client left while it waited
                 continue
-            self.busy = True
+            self.busy, self.current = True, job
             try:
                 self._generate(job)
             except Exception as e:  # a bad request never takes the worker down
                 log.exception("%s failed", job.name)
                 job.emit("error", f"generation failed: {e}")
             finally:
-                self.busy = False
+                self.busy, self.current = False, None
 
     def _generate(self, job: Job):
         stop, n, finish = StopText(job.stop), 0, None
@@ -247,10 +271,13 @@ class Worker:
                 finish = "stop" if hit else r.finish_reason
                 if finish:
                     break
-                if job.cancelled.is_set():
-                    finish = "client hung up"
+                if job.cancelled.is_set() or self.stopping:
+                    finish = "server stopping" if self.stopping else "client hung up"
                     break
-        job.emit("done", dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n))
+        if self.stopping:
+            job.emit("error", "the server is shutting down")
+        else:
+            job.emit("done", dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n))
         log.info("%s: %d prompt tokens (%d from the cache), %d generated, finish: %s",
                  job.name, len(job.ids), self.context.reused, n, finish)
 
@@ -353,7 +380,7 @@ class Api:
         head = {"id": rid, "object": OBJECTS[kind, stream], "created": int(time.time()), "model": self.model_id}
         if stream:
             return StreamingResponse(self.stream(job, head, kind, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache"})
         text, done = await self.collect(request, job)
         message = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
         choice = {"index": 0, **message, "logprobs": None, "finish_reason": done["finish_reason"]}
@@ -404,7 +431,7 @@ class Api:
                 elif event == "done":
                     return "".join(parts), value
                 else:
-                    raise ApiError(500, value, kind="server_error")
+                    raise ApiError(503 if self.worker.stopping else 500, value, kind="server_error")
         finally:
             watcher.cancel()
 
@@ -421,10 +448,21 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class StoppingServer(uvicorn.Server):
+    """Stops the worker as soon as a shutdown signal arrives: uvicorn then waits for open
+    connections, and streams still generating would keep it waiting."""
+
+    def __init__(self, config: uvicorn.Config, worker: Worker):
+        super().__init__(config)
+        self.worker = worker
+
+    def handle_exit(self, sig, frame):
+        self.worker.stop()
+        super().handle_exit(sig, frame)
+
+
 def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
           template_file=None, no_template=False):
-    import uvicorn
-
     from .chat_template import choose_template
     from .hub import resolve
     from .load import load_model
@@ -444,4 +482,10 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     chat = f"chat template {template.origin}" if template else "no chat template: messages are read as typed"
     print(f"elm-mlx: serving {model_id} ({chat}) on {url} - chat page at {url}/, API at {url}/v1", flush=True)
     config = uvicorn.Config(api.app(), log_level="info", timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        StoppingServer(config, worker).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for
+        pass
+    finally:
+        worker.stop()
+        worker.thread.join(timeout=60)

@@ -17,12 +17,15 @@ STARTUP_S = 120  # importing MLX and loading a model on a busy 2-core machine
 
 
 @contextmanager
-def running_server(folder: Path, log: Path, *args: str):
-    """Yields the base URL of `elm-mlx serve -M folder --port 0 *args`; its output goes to `log`."""
+def running_server(folder: Path, log: Path, *args: str, process: list | None = None):
+    """Yields the base URL of `elm-mlx serve -M folder --port 0 *args`; its output goes to `log`
+    (and its Popen to `process`, when given)."""
     exe = Path(sys.executable).with_name("elm-mlx")
     with open(log, "w") as out:
         proc = subprocess.Popen([str(exe), "serve", "-M", str(folder), "--port", "0", *args],
                                 stdout=out, stderr=subprocess.STDOUT)
+    if process is not None:
+        process.append(proc)
     try:
         yield _wait_until_up(proc, log)
     finally:

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from contextlib import closing
 from pathlib import Path
@@ -235,3 +236,27 @@ def test_the_repl_says_when_turns_are_dropped(short_model, tok):
     for i in range(3):
         repl_say(chat, f"{i} " + "word " * 70, out)
     assert out.getvalue().count("(dropped the 1 oldest turn to fit OpenELM's 256-token context)") == 1
+
+
+def test_chat_and_serve_commands_check_their_flags(folder):
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    runner = CliRunner()
+    for command in ["chat", "serve"]:
+        assert "Usage" in runner.invoke(app, [command, "-h"]).stdout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, message in [
+            (["chat", "--temp", "-1"], "error: --temp -1.0: expected >= 0"),
+            (["chat", "-m", "0"], "error: --max-tokens 0: expected >= 1"),
+            (["chat", "--chat-template", "t.jinja", "--no-chat-template"], "contradict each other"),
+            (["serve", "--port", "70000"], "error: --port 70000: expected 0 to 65535"),
+            (["serve", "--port", port], f"error: --host 127.0.0.1 --port {port}: cannot listen there"),
+            (["serve", "--top-p", "0"], "error: --top-p 0.0: expected in (0, 1]"),
+        ]:
+            r = runner.invoke(app, [args[0], "-M", str(folder), *args[1:]])
+            assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr + r.stdout

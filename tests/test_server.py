@@ -7,6 +7,7 @@ stops its generation."""
 import json
 import re
 import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -238,3 +239,17 @@ def test_the_chat_page_is_self_contained(url):
     assert status == 200 and "<title>elm-mlx chat</title>" in page and "/v1/chat/completions" in page
     # No external assets: nothing loaded from another origin.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?(https?:)?//|@import""", page)
+
+
+def test_ctrl_c_ends_open_streams_and_the_server_cleanly(folder, tmp_path):
+    process = []
+    with running_server(folder, tmp_path / "serve.log", "--dtype", "fp32", process=process) as url:
+        conn = connect(url)
+        conn.request("POST", TEXT, body=json.dumps({"prompt": "Go", "max_tokens": 1900, "stream": True}))
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"data: {")  # generating
+        process[0].send_signal(signal.SIGINT)
+        events = resp.read().decode().split("\n\n")
+        assert process[0].wait(timeout=60) == 0
+    assert "the server is shutting down" in events[-3] and events[-2] == "data: [DONE]"
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
