@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from ..chat_template import TEMPLATE_FILE, find_template
 from ..checkpoint import DTYPE_NAMES, load_weights, parse_dtype
 from ..config import OpenELMConfig, read_config
 from ..errors import ElmError
@@ -49,6 +50,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
     mx_dtype = parse_dtype(dtype)
     name = DTYPE_NAMES[mx_dtype]
     tok = Tokenizer(resolve_tokenizer(src, tokenizer)).path  # before the slow part: fail fast
+    template = find_template(src)  # kept with the output, so it stays -Instruct whatever it is named
     weights = load_weights(src, config, mx_dtype)
     with atomic_folder(out) as tmp:
         for key in tqdm(weights, desc=f"{label or src.name} -> {name}", unit="tensor", disable=not progress):
@@ -60,4 +62,6 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
         meta |= {"torch_dtype": name, "elm_mlx": {"dtype": name}}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copyfile(tok, tmp / "tokenizer.model")
+        if template is not None:
+            (tmp / TEMPLATE_FILE).write_text(template.source)
     return out
