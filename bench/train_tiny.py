@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from checkpoints import hf_config, make_hf_checkpoint  # noqa: E402
+from elm_mlx.convert.report import TEXT  # noqa: E402
 
 from elm_mlx.config import OpenELMConfig  # noqa: E402
-from elm_mlx.convert.report import TEXT  # noqa: E402
 from elm_mlx.model import Model  # noqa: E402
 from elm_mlx.tokenizer import Tokenizer  # noqa: E402
 

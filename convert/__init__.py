@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from ..chat_template import TEMPLATE_FILE, find_template
 from ..checkpoint import DTYPE_NAMES, parse_dtype
 from ..errors import ElmError
 from ..load import check_tokenizer_json
@@ -111,13 +112,14 @@ def _check_options(srcs, dtype, quant, group_size, average, layout, report):
     return parse_dtype(dtype)
 
 
-def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True, *, quant: str | None = None,
-            group_size: int | None = None, average: bool = False, layout: str = "elm", preset: str | None = None,
-            config=None, report: bool = False) -> Path:
+def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True, label: str | None = None, *,
+            quant: str | None = None, group_size: int | None = None, average: bool = False, layout: str = "elm",
+            preset: str | None = None, config=None, report: bool = False) -> Path:
     """Convert one checkpoint (or average several: src a list, average=True)
     into the folder `out`. quant: None, "q4" or "q8"; layout "mlx-lm" adds the
     files mlx_lm.load needs; preset / config (CoreNet YAML) give the size of
-    .pt checkpoints; report writes quality.json (see report.py)."""
+    .pt checkpoints; report writes quality.json (see report.py); label names
+    the source on the progress bar (default: its file or folder name)."""
     srcs = [Path(s) for s in (src if isinstance(src, (list, tuple)) else [src])]
     out = Path(out)
     if out.exists():
@@ -139,6 +141,8 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
                                "a quantized 3B computes in bf16 (leave --dtype at bf16)")
             plan = make_plan(cfg, quant, group_size)
         tok = Tokenizer(resolve_tokenizer(first.tokenizer_dir, tokenizer))  # before the slow part: fail fast
+        # Kept with the output, so it stays -Instruct whatever it is named.
+        template = find_template(first.tokenizer_dir) if first.tokenizer_dir is not None else None
         if first.tokenizer_dir is not None:
             check_tokenizer_json(first.tokenizer_dir, tok)
         name = DTYPE_NAMES[mx_dtype]
@@ -146,11 +150,13 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
             if out.exists():
                 raise OutputExists(f"{out} already exists (another conversion wrote it meanwhile)")
             weights = build_weights(sources, mx_dtype, plan, average, progress,
-                                    desc=f"{first.path.name} -> {quant or name}")
+                                    desc=f"{label or first.path.name} -> {quant or name}")
             bits = sum(v.nbytes for v in weights.values()) * 8 / cfg.num_parameters()
             check_space(out, sum(v.nbytes for v in weights.values()))
             with atomic_folder(out) as tmp:
                 _write(tmp, first, weights, name, plan, tok, layout)
+                if template is not None:
+                    (tmp / TEMPLATE_FILE).write_text(template.source)
                 del weights
                 if report:
                     _report(tmp, sources, mx_dtype, average, tok, progress)
