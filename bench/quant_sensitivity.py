@@ -6,7 +6,8 @@ distributions on the report text are the reference; then
   1. each 2-D weight alone is quantized to 4 bits (everything else unquantized)
      and the mean KL to the reference is recorded (per-module sensitivity);
   2. whole-model plans are compared: uniform q4, q4 with only the embedding at
-     8 bits, the default recipe, and q8 - KL, top-1 agreement, bits per weight.
+     8 bits, the default q4 recipe, uniform q8 and the q8 recipe - KL, top-1
+     agreement, bits per weight.
 Compute in float32 so only quantization moves the distributions.
 
     python bench/quant_sensitivity.py FOLDER [--group-size 64] [--top 12]
@@ -81,8 +82,10 @@ def main():
         "q4 + 8-bit embedding": make_plan(cfg, "q4", a.group_size, high=["transformer.token_embeddings"]),
         "q4 recipe (default)": make_plan(cfg, "q4", a.group_size),
         "q8 uniform": make_plan(cfg, "q8", a.group_size, high=[]),
+        "q8 recipe (default)": make_plan(cfg, "q8", a.group_size),
     }
-    print(f"\nwhole-model plans (recipe's 8-bit modules: {', '.join(sensitive_modules(cfg))}):")
+    high = ", ".join(sensitive_modules(cfg))
+    print(f"\nwhole-model plans (recipe: 8 bits under q4, unquantized under q8: {high}):")
     print(f"  {'plan':<24}{'bits/weight':>12}{'mean KL':>12}{'top-1':>9}{'ppl':>10}  (unquantized ppl)")
     for name, plan in plans.items():
         q = compare(ref, log_probs(quantized_model(cfg, weights, plan), tokens), tokens)

@@ -96,12 +96,13 @@ def test_recipe_and_config_entry(src, tmp_path, llama_tokenizer, capsys):
     assert config["quantization_config"] == q  # mlx-lm writes both
     assert (q["group_size"], q["bits"], q["mode"]) == (64, 4, "affine")
     high = sensitive_modules(cfg)
-    assert high == ["transformer.token_embeddings", "transformer.layers.0.ffn.proj_2",
-                    "transformer.layers.2.ffn.proj_2"]
+    assert high == ["transformer.token_embeddings"] + [f"transformer.layers.0.{m}" for m in
+                                                      ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")]
     assert {k for k in q if k not in ("group_size", "bits", "mode")} == set(high)
     model = load_model(out)
     assert model.transformer.token_embeddings.bits == 8
-    assert model.layers[0].ffn.proj_2.bits == 8 and model.layers[1].ffn.proj_2.bits == 4
+    assert model.layers[0].ffn.proj_2.bits == 8 and model.layers[0].attn.qkv_proj.bits == 8
+    assert model.layers[1].ffn.proj_2.bits == 4 and model.layers[2].ffn.proj_1.bits == 4
     assert model.layers[1].attn.qkv_proj.bits == 4 and model.layers[1].attn.qkv_proj.group_size == 64
     assert model.transformer.norm.weight.dtype == mx.bfloat16
     assert model.layers[1].attn.qkv_proj.scales.dtype == mx.bfloat16
@@ -111,6 +112,16 @@ def test_recipe_and_config_entry(src, tmp_path, llama_tokenizer, capsys):
     assert f"{size / 1e9:.3f} GB on disk" in err
     stored = sum(v.nbytes for v in mx.load(str(out / "model.safetensors")).values())
     assert f"{stored * 8 / cfg.num_parameters():.2f} bits per weight" in err
+
+
+def test_q8_recipe_keeps_the_sensitive_modules_unquantized(src, tmp_path, llama_tokenizer):
+    out = convert(src, tmp_path / "q8", quant="q8", tokenizer=llama_tokenizer, progress=False)
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert set(q) == {"group_size", "bits", "mode"} and q["bits"] == 8
+    model = load_model(out)
+    assert type(model.transformer.token_embeddings) is nn.Embedding
+    assert type(model.layers[0].attn.qkv_proj) is nn.Linear
+    assert model.layers[1].attn.qkv_proj.bits == 8
 
 
 def test_q8_is_closer_than_q4(src, tmp_path, llama_tokenizer):
@@ -127,7 +138,7 @@ def test_loading_with_another_dtype_casts_scales(src, tmp_path, llama_tokenizer)
     out = convert(src, tmp_path / "q", dtype="fp32", quant="q8", group_size=32, tokenizer=llama_tokenizer,
                   progress=False)
     model = load_model(out, dtype="bf16")
-    assert model.layers[0].attn.qkv_proj.scales.dtype == mx.bfloat16
+    assert model.layers[1].attn.qkv_proj.scales.dtype == mx.bfloat16
     assert model.transformer.norm.weight.dtype == mx.bfloat16
     assert model(mx.array([TOKENS])).dtype == mx.bfloat16
 
