@@ -18,10 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import TINY, hf_config, make_hf_checkpoint, openelm_270m_config
+from checkpoints import TINY, hf_config, make_hf_checkpoint, openelm_270m_config, random_weights
 from elm_mlx.convert import convert
-from elm_mlx.convert.quantize import make_plan, sensitive_modules
-from elm_mlx.convert.report import TEXT
+from elm_mlx.convert.quantize import make_plan, quantize, sensitive_modules
+from elm_mlx.convert.report import TEXT, compare, log_probs
 from engine import TINY_32K
 from reference import reference_logits
 from typer.testing import CliRunner
@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from elm_mlx import ElmError
 from elm_mlx.cli import app
 from elm_mlx.config import OpenELMConfig
-from elm_mlx.load import load_model
+from elm_mlx.load import load_model, quantize_modules
 from elm_mlx.tokenizer import Tokenizer
 
 TOKENS = [1, 17, 300, 5, 511, 42, 42, 7, 256, 3, 99, 2]
@@ -242,16 +242,30 @@ def _agreement(folder: Path, tmp_path: Path, quant: str, tokenizer: Path) -> dic
 
 
 @pytest.mark.slow
-def test_270m_random_weights_quality(tmp_path, llama_tokenizer):
-    """Random weights give near-uniform next-token distributions (perplexity above the
-    vocabulary size), so top-1 rests on tiny margins and any perturbation flips it:
-    KL is the meaningful measure here. Bounds: ~2-5x the values measured in
-    docs/QUANTIZATION.md (q8 KL 0.00022, q4 0.060; top-1 94.4% and 41.8%)."""
-    make_hf_checkpoint(tmp_path / "src", openelm_270m_config(), seed=0)
-    q8 = _agreement(tmp_path / "src", tmp_path, "q8", llama_tokenizer)
-    q4 = _agreement(tmp_path / "src", tmp_path, "q4", llama_tokenizer)
-    assert q8["mean_kl"] <= 1e-3 and q8["top1_agreement"] >= 0.90, q8
-    assert q4["mean_kl"] <= 0.15 and q4["top1_agreement"] >= 0.30, q4
+def test_270m_random_weights_quality(llama_tokenizer):
+    """The real 270M shapes through the recipe, in memory, on the report text's first
+    96 tokens (the full report on random 270M is in docs/QUANTIZATION.md: it takes
+    ~15 minutes on a 2-core CPU). Random weights give near-uniform next-token
+    distributions, so top-1 rests on tiny margins and flips under any perturbation:
+    KL is the meaningful measure. Bounds ~5x the full-text values (q8 0.00022, q4 0.060)."""
+    cfg = OpenELMConfig.from_dict(openelm_270m_config())
+    weights = {k: mx.array(v) for k, v in random_weights(openelm_270m_config(), seed=0).items()}
+    tokens = Tokenizer(llama_tokenizer).encode(TEXT)[:96]
+    reference = engine.Model(cfg)
+    reference.load_weights(list(weights.items()))
+    ref = log_probs(reference, tokens)
+    del reference
+    kl = {}
+    for level in ("q8", "q4"):
+        plan = make_plan(cfg, level, 64)
+        stored = {}
+        for key, value in weights.items():
+            stored |= quantize(key, value, plan)
+        model = engine.Model(cfg)
+        quantize_modules(model, plan.config_entry(), stored)
+        model.load_weights(list(stored.items()))
+        kl[level] = compare(ref, log_probs(model, tokens), tokens).mean_kl
+    assert 0 < kl["q8"] <= 1e-3 and kl["q8"] < kl["q4"] / 20 and kl["q4"] <= 0.3, kl
 
 
 @pytest.mark.slow
