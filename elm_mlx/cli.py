@@ -131,7 +131,6 @@ def bench(
     import mlx.core as mx
 
     from . import bench as b
-    from .checkpoint import DTYPE_NAMES
 
     defaults = b.METHODS.get(method)
     if defaults is None:
@@ -155,7 +154,7 @@ def bench(
         raise ElmError(f"{len(ids)} prompt + {gen_tokens} generated tokens exceed OpenELM's "
                        f"{model_.config.max_context_length}-token context")
     say("probing memory bandwidth ...")
-    info = {"model": model, "dtype": DTYPE_NAMES[model_.transformer.norm.weight.dtype], "quant": quant,
+    info = {"model": model, "dtype": b.DTYPE_LABELS[model_.transformer.norm.weight.dtype], "quant": quant,
             "method": method, "load_s": load_s, **b.environment()}
     engines = [b.elm_engine(model_)] + ([b.mlx_lm_engine(model_)] if compare else [])
     runs = b.measure(engines, ids, gen_tokens, repeats, info, progress=say)

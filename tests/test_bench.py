@@ -214,7 +214,7 @@ def test_json_has_every_key_with_sane_values(tiny_folder):
     assert len(runs) == 1
     run = runs[0]
     assert set(b.JSON_KEYS) <= set(run)
-    assert run["model"] == str(tiny_folder) and run["dtype"] == "float32" and run["method"] == "paper"
+    assert run["model"] == str(tiny_folder) and run["dtype"] == "fp32" and run["method"] == "paper"
     assert run["prompt_tokens"] == 36 and run["gen_tokens"] == 5
     assert run["backend"] in {"CPU", "Metal", "CUDA"} and run["mlx_version"] == mx.__version__
     for key in ["prompt_tps", "generation_tps", "total_tps", "ttft_s", "peak_memory_gb", "bandwidth_gbps",
@@ -260,3 +260,12 @@ def test_random_weights_need_a_preset_or_a_config():
 def test_full_size_270m_with_random_weights_runs_offline():
     runs, _ = bench_json("--model", "270M", "--method", "pp-tg", "-p", "4", "-g", "2", "-n", "1", "--dtype", "fp32")
     assert runs[0]["bytes_per_token"] >= 4 * 271_527_168
+
+
+def test_last_only_logits_are_the_last_position_of_the_full_logits():
+    # generation asks the model for the last position only (the head skips the others)
+    model = tiny_model()
+    tokens = mx.array([[1, 5, 9, 200, 7, 31999]])
+    full, last = model(tokens), model(tokens, last_only=True)
+    assert last.shape == (1, 1, 32000)
+    assert np.array_equal(np.array(last[:, 0]), np.array(full[:, -1]))

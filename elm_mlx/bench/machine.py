@@ -60,7 +60,7 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 5, clock=time.perf_counter
     if backend() == "CPU":
         import numpy as np
 
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = cpu_count()
         parts = np.array_split(np.ones(n, np.float32), threads)
         with ThreadPoolExecutor(threads) as pool:
             best = _best_read(lambda: list(pool.map(np.sum, parts)), repeats, clock)
@@ -82,11 +82,15 @@ def _best_read(read, repeats, clock) -> float:
     return best
 
 
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def environment() -> dict:
     gbps, how = memory_bandwidth()
     env = {"backend": backend(), "mlx_version": mx.__version__, "machine_bandwidth_gbps": gbps,
            "bandwidth_probe": how, "platform": platform.platform(),
-           "device_name": mx.device_info().get("device_name", platform.processor())}
+           "device_name": mx.device_info().get("device_name", platform.processor()), "cpus": cpu_count()}
     try:
         import mlx_lm
 

@@ -25,7 +25,8 @@ PAPER_PROMPT_IDS = [1, 317, 1548, 6479, 10653, 3801, 29892, 4942, 29889, 16238, 
 METHODS = {"paper": dict(gen_tokens=1024, repeats=1), "pp-tg": dict(gen_tokens=128, prompt_tokens=512, repeats=5)}
 QUANT_BITS = {"q8": 8, "q4": 4}
 GROUP_SIZE = 64  # mlx-lm's affine default
-WARMUP_TOKENS = 8
+DTYPE_LABELS = {mx.float32: "fp32", mx.bfloat16: "bf16", mx.float16: "fp16"}
+WARMUP_TOKENS = 4  # covers the prefill and the decode step; the KV cache grows alike in both engines
 
 
 def quantize(model, quant: str | None):
