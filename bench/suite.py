@@ -89,6 +89,7 @@ def sizes_and_dtypes(args, env, out):
                 engines.append(b.naive_norm_engine(model))
             run_config(model, size, "fp32", engines, args, env, load_s, out)
             save(args, env, out)
+            del engines  # mlx-lm's and the naive model hold the float32 arrays too
         low = [d for d in args.dtypes if d != "fp32"]
         for dtype in low:
             t = time.perf_counter()

@@ -269,3 +269,8 @@ def test_last_only_logits_are_the_last_position_of_the_full_logits():
     full, last = model(tokens), model(tokens, last_only=True)
     assert last.shape == (1, 1, 32000)
     assert np.array_equal(np.array(last[:, 0]), np.array(full[:, -1]))
+
+
+def test_bench_help_explains_the_methods():
+    r = runner.invoke(app, ["bench", "-h"])
+    assert r.exit_code == 0 and "--method" in r.stdout and "pp-tg" in r.stdout and "--compare" in r.stdout
