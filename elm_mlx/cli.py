@@ -90,25 +90,47 @@ def generate(
 @app.command()
 @user_errors
 def convert(
-    src: str = typer.Argument(..., help="Apple HF checkpoint folder, preset or hub id."),
+    src: list[str] = typer.Argument(
+        ..., help="Checkpoint(s): an Apple HF folder, preset or hub id; an elm-mlx, mlx-lm or mlx-community "
+        "folder (quantized or not); or a CoreNet .pt file (with --preset or --config). Several only with --average."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to create (must not exist)."),
-    dtype: str = typer.Option("bf16", help="Stored dtype: bf16, fp16 or fp32."),
+    dtype: str = typer.Option("bf16", help="Stored dtype of the float weights (and of quantization scales): "
+                              "bf16, fp16 or fp32. The 3B must not use fp16."),
+    quant: Optional[str] = typer.Option(
+        None, help="Quantize: q4 or q8 (affine, mx.quantize). The embedding / output head and the first and last "
+        "FFN down-projections keep 8 bits (see docs/QUANTIZATION.md). The folder then loads with no flags."),
+    group_size: Optional[int] = typer.Option(
+        None, help="With --quant: weights sharing one scale and bias, 32, 64 or 128. Default 64."),
+    report: bool = typer.Option(
+        False, help="With --quant: measure mean KL, top-1 agreement and perplexity against the unquantized model "
+        "on a fixed text; printed and saved as quality.json."),
+    average: bool = typer.Option(
+        False, help="Average the parameters of several checkpoints of one architecture (the paper averages the last "
+        "five), one tensor at a time."),
+    to: str = typer.Option("elm", "--to", help="Layout: elm (default), or mlx-lm, which adds the tokenizer files "
+                           "mlx_lm.load needs (tokenizer.json, tokenizer_config.json) and the safetensors index."),
     tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+    preset: Optional[str] = typer.Option(None, help="Size of CoreNet .pt checkpoints: 270M, 450M, 1_1B or 3B."),
+    config: Optional[Path] = typer.Option(None, "--config", help="CoreNet training YAML giving the size of .pt "
+                                          "checkpoints (model.language_modeling.general_gpt.model_name)."),
 ):
-    """Convert an OpenELM checkpoint into one MLX folder (weights, config, tokenizer)."""
+    """Convert OpenELM checkpoint(s) into one MLX folder (weights, config, tokenizer)."""
     from .checkpoint import parse_dtype
     from .convert import convert as run
     from .hub import download, repo_id
 
     parse_dtype(dtype)  # before a download of up to 12 GB
-    path, label = Path(src).expanduser(), None
-    if not path.exists():
-        label = repo_id(src)
-        if label is None:
-            raise ElmError(f"SRC {src!r} is not a folder, a preset or a hub id (org/name)")
-        path = download(label)
-    run(path, output, dtype=dtype, tokenizer=tokenizer, label=label)
-    typer.echo(f"wrote {output}", err=True)
+    paths, label = [], None
+    for s in src:
+        path = Path(s).expanduser()
+        if not path.exists():
+            repo = repo_id(s)
+            if repo is None:
+                raise ElmError(f"SRC {s!r} is not a folder, a .pt file, a preset or a hub id (org/name)")
+            path, label = download(repo), label or repo
+        paths.append(path)
+    run(paths, output, dtype=dtype, tokenizer=tokenizer, label=label, quant=quant, group_size=group_size,
+        average=average, layout=to, preset=preset, config=config, report=report)
 
 
 def load_chat(model, dtype, tokenizer, chat_template, no_chat_template):
