@@ -54,7 +54,7 @@ class Quality:
 
     def lines(self) -> list:
         return [f"quality on {self.positions} positions of the report text:",
-                f"  mean KL(unquantized || quantized): {self.mean_kl:.5f} nats",
+                f"  mean KL(unquantized || quantized): {self.mean_kl:.3g} nats",
                 f"  top-1 agreement: {100 * self.top1_agreement:.2f}%",
                 f"  perplexity: {self.ppl_reference:.3f} unquantized, {self.ppl_quantized:.3f} quantized"]
 

@@ -112,7 +112,10 @@ class TorchCheckpoint:
         if not zipfile.is_zipfile(self.path):
             raise ElmError(f"{self.path}: not a PyTorch zip checkpoint (torch.save >= 1.6 writes a zip "
                            "archive); re-save it with a recent torch, or pass a Hugging Face folder")
-        self._zip = zipfile.ZipFile(self.path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ElmError(f"{self.path}: damaged zip archive ({e})") from None
         pkls = [n for n in self._zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise ElmError(f"{self.path}: expected exactly one <name>/data.pkl in the archive, found {len(pkls)}")

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import TINY, make_hf_checkpoint, openelm_270m_config
+from checkpoints import TINY, hf_config, make_hf_checkpoint, openelm_270m_config
 from elm_mlx.convert import convert
 from elm_mlx.convert.quantize import make_plan, sensitive_modules
 from elm_mlx.convert.report import TEXT
@@ -33,6 +33,7 @@ from elm_mlx.load import load_model
 from elm_mlx.tokenizer import Tokenizer
 
 TOKENS = [1, 17, 300, 5, 511, 42, 42, 7, 256, 3, 99, 2]
+STEPS = 120  # training steps of the slow trained-checkpoint test
 
 
 def dequantized(folder: Path) -> dict:
@@ -241,22 +242,29 @@ def _agreement(folder: Path, tmp_path: Path, quant: str, tokenizer: Path) -> dic
 
 
 @pytest.mark.slow
-def test_270m_random_weights_top1_agreement(tmp_path, llama_tokenizer):
-    make_hf_checkpoint(tmp_path / "src", openelm_270m_config(), seed=34)
+def test_270m_random_weights_quality(tmp_path, llama_tokenizer):
+    """Random weights give near-uniform next-token distributions (perplexity above the
+    vocabulary size), so top-1 rests on tiny margins and any perturbation flips it:
+    KL is the meaningful measure here. Bounds: ~2-5x the values measured in
+    docs/QUANTIZATION.md (q8 KL 0.00022, q4 0.060; top-1 94.4% and 41.8%)."""
+    make_hf_checkpoint(tmp_path / "src", openelm_270m_config(), seed=0)
     q8 = _agreement(tmp_path / "src", tmp_path, "q8", llama_tokenizer)
     q4 = _agreement(tmp_path / "src", tmp_path, "q4", llama_tokenizer)
-    assert q8["top1_agreement"] >= 0.99, q8
-    assert q4["top1_agreement"] >= 0.90, q4
+    assert q8["mean_kl"] <= 1e-3 and q8["top1_agreement"] >= 0.90, q8
+    assert q4["mean_kl"] <= 0.15 and q4["top1_agreement"] >= 0.30, q4
 
 
 @pytest.mark.slow
 def test_trained_checkpoint_top1_agreement(tmp_path, llama_tokenizer):
-    """A tiny OpenELM trained with MLX on public-domain text (bench/train_tiny.py),
-    shorter than the documented run so the test stays around a minute."""
+    """The issue's thresholds, q8 >= 99% and q4 >= 90% top-1, on a tiny OpenELM
+    trained with MLX on public-domain text (bench/train_tiny.py; smaller and
+    with fewer steps than the documented run, so the test takes about four minutes)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from train_tiny import train
 
-    train(tmp_path / "src", steps=150, tokenizer=llama_tokenizer, log=lambda _: None)
+    small = hf_config(layers=4, model_dim=128, head_dim=32, num_query_heads=[4, 4, 8, 8], num_kv_heads=[1, 1, 2, 2],
+                      ffn_multipliers=[0.5, 1.5, 2.5, 4.0], vocab_size=32000, ffn_dim_divisor=32)
+    train(tmp_path / "src", steps=STEPS, tokenizer=llama_tokenizer, log=lambda _: None, config=small)
     q8 = _agreement(tmp_path / "src", tmp_path, "q8", llama_tokenizer)
     q4 = _agreement(tmp_path / "src", tmp_path, "q4", llama_tokenizer)
     assert q8["top1_agreement"] >= 0.99, q8

@@ -1,0 +1,45 @@
+"""Why top-1 agreement on a random-weight model stays below 99% at 8 bits:
+quantize one part at a time and watch the argmax flip while KL stays tiny.
+
+    python bench/random_top1.py FOLDER      # e.g. the random 270M of docs/QUANTIZATION.md
+"""
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from elm_mlx.convert.quantize import Plan, make_plan
+from elm_mlx.convert.report import TEXT, compare, log_probs
+from quant_sensitivity import TOKENIZER, quantized_model
+
+from elm_mlx.checkpoint import load_weights
+from elm_mlx.config import OpenELMConfig, read_config
+from elm_mlx.model import Model
+from elm_mlx.tokenizer import Tokenizer
+
+
+def main(folder: Path):
+    cfg = OpenELMConfig.from_dict(read_config(folder / "config.json"))
+    weights = load_weights(folder, cfg, mx.float32)
+    mx.eval(list(weights.values()))
+    tokens = Tokenizer(TOKENIZER).encode(TEXT)
+    reference = Model(cfg)
+    reference.load_weights(list(weights.items()))
+    ref = log_probs(reference, tokens)
+    del reference
+    emb = "transformer.token_embeddings"
+    all8 = make_plan(cfg, "q8", 64, high=[])
+    plans = {
+        "q8 everything": all8,
+        "q8 embedding only": Plan(8, 64, {emb: 8}),
+        "q8 all but the embedding": Plan(8, 64, {m: b for m, b in all8.modules.items() if m != emb}),
+        "q8 everything, group 32": make_plan(cfg, "q8", 32, high=[]),
+        "q4 embedding only": Plan(4, 64, {emb: 4}),
+    }
+    for name, plan in plans.items():
+        q = compare(ref, log_probs(quantized_model(cfg, weights, plan), tokens), tokens)
+        print(f"{name:<28} KL {q.mean_kl:.6f}  top-1 {100 * q.top1_agreement:.2f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
