@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import hf_config
+from checkpoints import hf_config, make_hf_checkpoint
 from typer.testing import CliRunner
 
 from elm_mlx import bench as b
@@ -203,8 +203,8 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def bench_json(*args):
-    r = runner.invoke(app, ["bench", "--random-weights", "--json", "-", *args])
+def bench_json(*args, random_weights=True):
+    r = runner.invoke(app, ["bench", "--json", "-", *args] + (["--random-weights"] if random_weights else []))
     assert r.exit_code == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
@@ -249,6 +249,13 @@ def test_compare_pp_tg_writes_both_engines_and_ratios(tiny_folder, tmp_path):
 def test_bad_flags_say_what_is_wrong(tiny_folder, args, message):
     r = runner.invoke(app, ["bench", "--model", str(tiny_folder), "--random-weights", *args])
     assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_checkpoint_folder_is_loaded_and_timed_from_the_start_of_loading(tmp_path):
+    make_hf_checkpoint(tmp_path, TINY64, seed=3, dtype="BF16")
+    runs, _ = bench_json("--model", str(tmp_path), "--gen-tokens", "3", random_weights=False)
+    assert runs[0]["dtype"] == "bf16" and runs[0]["load_s"] > 0
+    assert runs[0]["ttft_s"] > runs[0]["load_s"]
 
 
 def test_random_weights_need_a_preset_or_a_config():
