@@ -1,6 +1,7 @@
 """Reading OpenELM weights from a folder: Apple's HF layout (one
-model.safetensors, or shards with an index) and folders elm-mlx wrote, which
-use the same key names. Every file is checked against the config before MLX
+model.safetensors, or shards with an index), folders elm-mlx wrote and mlx-lm /
+mlx-community folders, which all use the same key names (quantized ones add
+`.scales`/`.biases` and a "quantization" entry in config.json). Every file is checked against the config before MLX
 reads it, so a bad file fails with its name, the key and the expected shape."""
 
 import json
@@ -18,8 +19,10 @@ DTYPES = {
     "float16": mx.float16, "fp16": mx.float16,
 }
 DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U32": 4, "BOOL": 1}
 _FLOATS = {"F32", "F16", "BF16"}
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUPS = (32, 64, 128)
 INDEX = "model.safetensors.index.json"
 
 
@@ -82,33 +85,79 @@ def read_header(path: Path) -> dict:
     return tensors
 
 
-def load_weights(folder: Path, cfg: OpenELMConfig, dtype=None) -> dict:
-    """All weights as MLX arrays in `dtype` (None: as stored), after checking
-    every key and shape against cfg."""
-    expected = cfg.weight_shapes()
+def quant_params(quantization: dict, module: str) -> tuple:
+    """(bits, group_size) of one module in mlx-lm's "quantization" config entry:
+    a per-module override if there is one, else the top-level default."""
+    q = quantization.get(module)
+    q = q if isinstance(q, dict) else quantization
+    return q.get("bits"), q.get("group_size")
+
+
+def _quantized(key: str, shape: tuple, quantization: dict, source: str) -> dict:
+    """The stored tensors of one quantized module: packed uint32 weight, scales, biases."""
+    module = key.removesuffix(".weight")
+    bits, group = quant_params(quantization, module)
+    out, inp = shape
+    if bits not in QUANT_BITS or group not in QUANT_GROUPS or inp % group or inp * bits % 32:
+        raise ElmError(f"{source}: quantization of {module} is bits={bits!r}, group_size={group!r}; expected "
+                       f"bits in {QUANT_BITS} and a group_size in {QUANT_GROUPS} dividing its {inp} inputs")
+    packed = {key: ((out, inp * bits // 32), {"U32"})}
+    packed |= {f"{module}.{part}": ((out, inp // group), _FLOATS) for part in ("scales", "biases")}
+    return packed
+
+
+def expected_tensors(cfg: OpenELMConfig, quantization: dict | None, stored: set, source: str) -> dict:
+    """{key: (shape, allowed safetensors dtypes)} for a folder. With quantization
+    (mlx-lm's layout), a 2-D weight is quantized exactly when its `.scales` is stored."""
+    expected = {}
+    for key, shape in cfg.weight_shapes().items():
+        module = key.removesuffix(".weight")
+        if quantization is not None and len(shape) == 2 and f"{module}.scales" in stored:
+            expected |= _quantized(key, shape, quantization, source)
+        else:
+            expected[key] = (shape, _FLOATS)
+    return expected
+
+
+def check_weights(folder: Path, cfg: OpenELMConfig, quantization: dict | None = None) -> dict:
+    """{key: file} after checking every key, shape and dtype of the folder's
+    safetensors headers against cfg and the quantization entry of config.json."""
+    headers = {path: read_header(path) for path in weight_files(folder)}
+    stored = {key for h in headers.values() for key in h}
+    expected = expected_tensors(cfg, quantization, stored, str(folder / "config.json"))
     found = {}
-    for path in weight_files(folder):
-        for key, (st_dtype, shape) in read_header(path).items():
+    for path, header in headers.items():
+        for key, (st_dtype, shape) in header.items():
             if key not in expected:
                 hint = ""
                 if key == "lm_head.weight":
                     hint = " (config.json says share_input_output_layers=true: the head is the embedding)"
+                elif key.endswith((".scales", ".biases")) and quantization is None:
+                    hint = " (a quantized tensor, but config.json has no \"quantization\" entry)"
                 raise ElmError(f"{path}: unexpected key {key!r}{hint}; is this an OpenELM checkpoint of this config?")
-            if shape != expected[key]:
-                raise ElmError(f"{path}: {key} has shape {list(shape)}, expected {list(expected[key])} "
+            want, dtypes = expected[key]
+            if shape != want:
+                raise ElmError(f"{path}: {key} has shape {list(shape)}, expected {list(want)} "
                                f"from {folder / 'config.json'}")
-            if st_dtype not in _FLOATS:
-                raise ElmError(f"{path}: {key} is stored as {st_dtype}, expected F32, F16 or BF16")
+            if st_dtype not in dtypes:
+                raise ElmError(f"{path}: {key} is stored as {st_dtype}, expected {' or '.join(sorted(dtypes))}")
             found[key] = path
     missing = [k for k in expected if k not in found]
     if missing:
-        files = ", ".join(p.name for p in weight_files(folder))
+        files = ", ".join(p.name for p in headers)
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ElmError(f"{folder}: key {missing[0]} with shape {list(expected[missing[0]])} is missing "
+        raise ElmError(f"{folder}: key {missing[0]} with shape {list(expected[missing[0]][0])} is missing "
                        f"from {files}{more}")
+    return found
+
+
+def load_weights(folder: Path, cfg: OpenELMConfig, dtype=None, quantization: dict | None = None) -> dict:
+    """All weights as (lazy) MLX arrays, floats in `dtype` (None: as stored),
+    after check_weights."""
+    found = check_weights(folder, cfg, quantization)
     weights = {}
     for path in sorted(set(found.values())):
         for key, value in mx.load(str(path)).items():
-            weights[key] = value if dtype is None or value.dtype == dtype else value.astype(dtype)
+            cast = dtype is not None and value.dtype != dtype and mx.issubdtype(value.dtype, mx.floating)
+            weights[key] = value.astype(dtype) if cast else value
     return weights
-

@@ -24,6 +24,9 @@ MODEL_HELP = ("A model folder (Apple's HF layout or `elm-mlx convert` output), a
 DTYPE_HELP = "Compute dtype: bf16, fp16 or fp32. Default: bf16 (as stored for converted folders)."
 TOKENIZER_HELP = ("Llama-2 tokenizer.model to use when the model folder has none "
                   "(Apple's repos ship none); otherwise an ungated hub copy is fetched and checked.")
+TEMPLATE_HELP = ("A Jinja chat template (transformers' chat_template.jinja format) to use instead of the "
+                 "model's. -Instruct models get Apple's zephyr-style template without it.")
+NO_TEMPLATE_HELP = "Use no chat template: the text goes to the model as typed (base models never have one)."
 
 
 def user_errors(fn):
@@ -54,13 +57,20 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
     dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
     tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+    chat_template: Optional[Path] = typer.Option(None, help=TEMPLATE_HELP),
+    no_chat_template: bool = typer.Option(False, help=NO_TEMPLATE_HELP),
 ):
-    """Continue a prompt, streaming the text to stdout and the speed to stderr."""
-    from . import load, stream_generate
+    """Continue a prompt, streaming the text to stdout and the speed to stderr.
+    An -Instruct model gets the prompt as a user message in its chat template."""
+    from . import stream_generate
+    from .chat_template import chat_ids
 
     if prompt == "-":
         prompt = sys.stdin.read()
-    model_, tok = load(model, dtype=dtype, tokenizer=tokenizer)
+    model_, tok, template = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
+    if template is not None:
+        typer.echo(f"(chat template {template.origin}; --no-chat-template sends the prompt as it is)", err=True)
+        prompt = chat_ids(tok, template, [{"role": "user", "content": prompt}])
     last = None
     try:
         for last in stream_generate(model_, tok, prompt, max_tokens, temp=temp, top_k=top_k, top_p=top_p,
@@ -80,25 +90,127 @@ def generate(
 @app.command()
 @user_errors
 def convert(
-    src: str = typer.Argument(..., help="Apple HF checkpoint folder, preset or hub id."),
+    src: list[str] = typer.Argument(
+        ..., help="Checkpoint(s): an Apple HF folder, preset or hub id; an elm-mlx, mlx-lm or mlx-community "
+        "folder (quantized or not); or a CoreNet .pt file (with --preset or --config). Several only with --average."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder to create (must not exist)."),
-    dtype: str = typer.Option("bf16", help="Stored dtype: bf16, fp16 or fp32."),
+    dtype: str = typer.Option("bf16", help="Stored dtype of the float weights (and of quantization scales): "
+                              "bf16, fp16 or fp32. The 3B must not use fp16."),
+    quant: Optional[str] = typer.Option(
+        None, help="Quantize: q4 or q8 (affine, mx.quantize). The embedding / output head and the first and last "
+        "FFN down-projections keep 8 bits (see docs/QUANTIZATION.md). The folder then loads with no flags."),
+    group_size: Optional[int] = typer.Option(
+        None, help="With --quant: weights sharing one scale and bias, 32, 64 or 128. Default 64."),
+    report: bool = typer.Option(
+        False, help="With --quant: measure mean KL, top-1 agreement and perplexity against the unquantized model "
+        "on a fixed text; printed and saved as quality.json."),
+    average: bool = typer.Option(
+        False, help="Average the parameters of several checkpoints of one architecture (the paper averages the last "
+        "five), one tensor at a time."),
+    to: str = typer.Option("elm", "--to", help="Layout: elm (default), or mlx-lm, which adds the tokenizer files "
+                           "mlx_lm.load needs (tokenizer.json, tokenizer_config.json) and the safetensors index."),
     tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+    preset: Optional[str] = typer.Option(None, help="Size of CoreNet .pt checkpoints: 270M, 450M, 1_1B or 3B."),
+    config: Optional[Path] = typer.Option(None, "--config", help="CoreNet training YAML giving the size of .pt "
+                                          "checkpoints (model.language_modeling.general_gpt.model_name)."),
 ):
-    """Convert an OpenELM checkpoint into one MLX folder (weights, config, tokenizer)."""
+    """Convert OpenELM checkpoint(s) into one MLX folder (weights, config, tokenizer)."""
     from .checkpoint import parse_dtype
     from .convert import convert as run
     from .hub import download, repo_id
 
     parse_dtype(dtype)  # before a download of up to 12 GB
-    path = Path(src).expanduser()
-    if not path.exists():
-        repo = repo_id(src)
-        if repo is None:
-            raise ElmError(f"SRC {src!r} is not a folder, a preset or a hub id (org/name)")
-        path = download(repo)
-    run(path, output, dtype=dtype, tokenizer=tokenizer)
-    typer.echo(f"wrote {output}", err=True)
+    paths, label = [], None
+    for s in src:
+        path = Path(s).expanduser()
+        if not path.exists():
+            repo = repo_id(s)
+            if repo is None:
+                raise ElmError(f"SRC {s!r} is not a folder, a .pt file, a preset or a hub id (org/name)")
+            path, label = download(repo), label or repo
+        paths.append(path)
+    run(paths, output, dtype=dtype, tokenizer=tokenizer, label=label, quant=quant, group_size=group_size,
+        average=average, layout=to, preset=preset, config=config, report=report)
+
+
+def load_chat(model, dtype, tokenizer, chat_template, no_chat_template):
+    """(model, tokenizer, chat template or None) for the chat, serve and generate commands."""
+    from . import load
+    from .chat_template import choose_template
+    from .hub import resolve
+
+    folder = resolve(model, dtype, tokenizer)
+    template = choose_template(folder, model, chat_template, no_chat_template)  # before the slow part
+    return *load(folder, dtype=dtype, tokenizer=tokenizer), template
+
+
+@app.command()
+@user_errors
+def chat(
+    model: str = typer.Option(..., "--model", "-M", help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, help="System prompt (change it in the chat with /system TEXT)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Most tokens per reply; stops earlier at EOS."),
+    temp: float = typer.Option(0.7, help="Sampling temperature; 0 is greedy."),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens; 0 is off."),
+    top_p: float = typer.Option(0.9, help="Keep the smallest set of tokens with this much probability; 1 is off."),
+    min_p: float = typer.Option(0.0, help="Drop tokens less likely than min-p x the top one; 0 is off."),
+    repetition_penalty: float = typer.Option(
+        1.2, help="Penalize every token already in the conversation (transformers' semantics; Apple suggests "
+        "1.2). 1 is off."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+    chat_template: Optional[Path] = typer.Option(None, help=TEMPLATE_HELP),
+    no_chat_template: bool = typer.Option(False, help=NO_TEMPLATE_HELP),
+):
+    """Talk with a model in the terminal: streamed replies, history kept within the
+    2048-token context (oldest turns dropped, with a notice) and its KV cache reused.
+    Commands: /reset, /system TEXT, /save FILE, /load FILE, /stats, /quit (or Ctrl-D);
+    Ctrl-C stops the current reply."""
+    from .chat import Chat, repl
+    from .sample import check_sampling
+
+    check_sampling(temp, top_k, top_p, min_p, repetition_penalty)
+    if max_tokens < 1:
+        raise ElmError(f"--max-tokens {max_tokens}: expected >= 1")
+    model_, tok, template = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
+    how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
+    repl(Chat(model_, tok, template, system, max_tokens, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+              repetition_penalty=repetition_penalty, seed=seed), f"elm-mlx chat with {model} ({how}).")
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Option(..., "--model", "-M", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 exposes the model to your network."),
+    port: int = typer.Option(8080, help="Port to listen on (0 picks a free one and prints it)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="Default max_tokens for requests without one."),
+    temp: float = typer.Option(0.7, help="Default temperature for requests without one."),
+    top_k: int = typer.Option(0, help="Default top_k (an extension to OpenAI's API); 0 is off."),
+    top_p: float = typer.Option(0.9, help="Default top_p for requests without one; 1 is off."),
+    min_p: float = typer.Option(0.0, help="Default min_p (an extension to OpenAI's API); 0 is off."),
+    repetition_penalty: float = typer.Option(
+        1.2, help="Default repetition_penalty (an extension to OpenAI's API; Apple suggests 1.2). 1 is off."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+    chat_template: Optional[Path] = typer.Option(None, help=TEMPLATE_HELP),
+    no_chat_template: bool = typer.Option(False, help=NO_TEMPLATE_HELP),
+):
+    """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
+    /v1/completions, streamed or not; GET /v1/models, /health) with a chat page at /.
+    Requests are answered one at a time, in order; the others wait."""
+    from .sample import check_sampling
+    from .server import Defaults
+    from .server import serve as run
+
+    check_sampling(temp, top_k, top_p, min_p, repetition_penalty)
+    if max_tokens < 1:
+        raise ElmError(f"--max-tokens {max_tokens}: expected >= 1")
+    if not 0 <= port <= 65535:
+        raise ElmError(f"--port {port}: expected 0 to 65535")
+    run(model, host, port, Defaults(max_tokens, temp, top_p, top_k, min_p, repetition_penalty), dtype, tokenizer,
+        chat_template, no_chat_template)
 
 
 @app.command()

@@ -34,9 +34,10 @@ def encode_prompt(tokenizer, prompt, room: int, max_context: int) -> list:
 
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, cache=None):
+                    repetition_penalty=1.0, seed=None, cache=None, context=()):
     """Yields token ids forever (the caller stops); the cache ends up holding
-    the context. Validation is the caller's."""
+    the context. `context`: ids the cache already holds, which the repetition
+    penalty counts as it would without a cache. Validation is the caller's."""
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp, top_k, top_p, min_p)
@@ -44,7 +45,7 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
     seen = None
     if repetition_penalty != 1.0:
         seen = mx.zeros((model.config.vocab_size,), mx.bool_)
-        seen[mx.array(prompt_ids)] = True
+        seen[mx.array(list(context) + list(prompt_ids))] = True
 
     def step(tokens):
         nonlocal seen
@@ -65,12 +66,13 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
         y = next_y
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, **sampling):
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(), **sampling):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     With `cache` (from make_cache, possibly holding earlier turns) the prompt
     continues what the cache holds, and the cache keeps the new context; the
-    repetition penalty then sees only this prompt and its output."""
+    repetition penalty then sees this prompt, its output and `context` (pass
+    the ids the cache holds to penalize them too)."""
     check_sampling(**{k: v for k, v in sampling.items() if k != "seed"})
     if max_tokens < 0:
         raise ElmError(f"--max-tokens {max_tokens}: expected >= 0")
@@ -84,7 +86,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    for n, token in enumerate(generate_tokens(model, ids, cache=cache, **sampling), start=1):
+    for n, token in enumerate(generate_tokens(model, ids, cache=cache, context=context, **sampling), start=1):
         now = time.perf_counter()
         if n == 1:
             first, prompt_tps = now, len(ids) / (now - tic)

@@ -68,7 +68,7 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
         from .convert import convert
 
         try:
-            convert(snapshot, target, dtype=dtype, tokenizer=tokenizer)
+            convert(snapshot, target, dtype=dtype, tokenizer=tokenizer, label=repo)
         except FileExistsError:
             pass  # another process converted it first; theirs is complete
     return target

@@ -88,6 +88,9 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def pieces(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def detokenizer(self, continuation: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(*self._bytes_table(), continuation=continuation)
 

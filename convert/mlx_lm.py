@@ -1,0 +1,46 @@
+"""`--to mlx-lm`: the extra files that make a folder load with `mlx_lm.load`
+(model and tokenizer), as mlx-community's OpenELM folders have them. The
+weights and config.json are already mlx-lm's layout (same key names, same
+"quantization" entry); what mlx-lm adds is a Hugging Face tokenizer
+(tokenizer_config.json naming LlamaTokenizer, so AutoTokenizer never has to
+look up the unknown "openelm" config class, and tokenizer.json) and the
+safetensors index."""
+
+import json
+from pathlib import Path
+
+from ..errors import ElmError
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "clean_up_tokenization_spaces": False,
+    "legacy": True,
+    "model_max_length": 2048,
+}
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """tokenizer_config.json, then tokenizer.json built from tokenizer.model by
+    transformers (which mlx-lm depends on), so mlx-lm picks its SentencePiece
+    streaming detokenizer."""
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    try:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()  # it warns that "openelm" is no model type it knows: expected
+        AutoTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    except Exception as e:  # transformers' conversion raises many types; the message is what matters
+        raise ElmError(f"--to mlx-lm: could not build tokenizer.json from {folder / 'tokenizer.model'} "
+                       f"with transformers ({type(e).__name__}: {e})") from None
+
+
+def write_index(folder: Path, weights: dict, files: list) -> None:
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+             "weight_map": {k: files[0] for k in sorted(weights)}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=4) + "\n")

@@ -1,0 +1,214 @@
+"""`elm-mlx chat`: a terminal conversation. The history is kept as messages,
+rendered with the chat template each turn; the KV cache keeps what it has read,
+so a turn only reads the new user message (and, at most, the tail of the last
+reply when the model's own tokens differ from how its text re-tokenizes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+from .chat_template import ChatTemplate, chat_ids
+from .context import CachedContext
+from .errors import ElmError
+
+ROLES = ("system", "user", "assistant")
+
+
+class Chat:
+    def __init__(self, model, tokenizer, template: ChatTemplate | None, system: str | None = None,
+                 max_tokens: int = 512, **sampling):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.system = system
+        self.messages: list[dict] = []  # user and assistant turns; the system prompt stays apart
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.context = CachedContext(model)
+        self.window = model.config.max_context_length
+        self.dropped = 0  # turns dropped so far to fit the window
+        self.last = None  # the last reply's final GenerationResponse
+
+    def conversation(self) -> list[dict]:
+        return self.head() + self.messages
+
+    def head(self) -> list[dict]:
+        return [{"role": "system", "content": self.system}] if self.system is not None else []
+
+    def prompt_ids(self) -> list[int]:
+        return chat_ids(self.tokenizer, self.template, self.conversation())
+
+    def add_user(self, text: str) -> int:
+        """Appends a user turn, dropping the oldest turns until the prompt leaves room for
+        a reply (max_tokens, but at most half the window). Returns how many were dropped."""
+        message = {"role": "user", "content": text}
+        alone = chat_ids(self.tokenizer, self.template, self.head() + [message])
+        if len(alone) >= self.window:
+            raise ElmError(f"that message makes a {len(alone)}-token prompt; OpenELM's context is {self.window} "
+                           "tokens: shorten it (or the system prompt)")
+        self.messages.append(message)
+        budget = self.window - min(self.max_tokens, self.window // 2)
+        dropped = 0
+        while len(self.messages) > 1 and len(self.prompt_ids()) > budget:
+            del self.messages[0]
+            dropped += 1
+            while len(self.messages) > 1 and self.messages[0]["role"] != "user":
+                del self.messages[0]
+        self.dropped += dropped
+        return dropped
+
+    def reply(self):
+        """Streams the answer to the last user turn (GenerationResponse per token). Closing
+        the stream early keeps the partial reply: the history and the cache agree either way."""
+        parts = []
+        try:
+            for r in self.context.stream(self.tokenizer, self.prompt_ids(), self.max_tokens, **self.sampling):
+                parts.append(r.text)
+                self.last = r
+                yield r
+        finally:
+            if parts:
+                self.messages.append({"role": "assistant", "content": "".join(parts)})
+            else:  # failed before a first token: the turn never happened
+                self.messages.pop()
+
+    def reset(self):
+        self.messages, self.dropped = [], 0
+
+    def save(self, path: Path):
+        Path(path).write_text(json.dumps(self.conversation(), indent=2, ensure_ascii=False) + "\n")
+
+    def load(self, path: Path):
+        try:
+            messages = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ElmError(f"{path}: cannot read a conversation ({e})") from None
+        check_messages(messages, str(path))
+        self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        self.messages = [dict(m) for m in messages if m["role"] != "system"]
+        self.dropped = 0
+
+    def stats(self) -> str:
+        turns = sum(m["role"] == "user" for m in self.messages)
+        lines = [f"context: {len(self.prompt_ids())}/{self.window} tokens, {turns} turns in history"
+                 + (f" ({self.dropped} older dropped)" if self.dropped else "")
+                 + f", {len(self.context.ids)} tokens cached"]
+        if self.last is not None:
+            r = self.last
+            lines.append(f"last reply: {r.prompt_tokens} prompt tokens read ({self.context.reused} reused from the "
+                         f"cache), {r.prompt_tps:.1f} tok/s | {r.generation_tokens} tokens, "
+                         f"{r.generation_tps:.1f} tok/s | peak memory {r.peak_memory_gb:.2f} GB")
+        return "\n".join(lines)
+
+
+def check_messages(messages, where: str):
+    """A conversation as /save writes it: a JSON list of {"role", "content"}, a system message only first."""
+    if not isinstance(messages, list):
+        raise ElmError(f"{where}: expected a JSON list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise ElmError(f"{where}: message {i} should be {{\"role\": system|user|assistant, \"content\": text}}")
+        if m["role"] == "system" and i > 0:
+            raise ElmError(f"{where}: message {i} is a system message; only the first may be")
+
+
+@contextmanager
+def ctrl_c_sets(flag: threading.Event):
+    """While generating, Ctrl-C only raises a flag, checked between tokens: the
+    reply stops cleanly instead of an exception landing inside a model step."""
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+HELP = """commands:
+  /reset        forget the conversation (the system prompt stays)
+  /system TEXT  set the system prompt (/system alone shows it)
+  /save FILE    write the conversation as JSON
+  /load FILE    continue a conversation saved with /save
+  /stats        context use, cache reuse and speed of the last reply
+  /quit         leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+def command(chat: Chat, line: str, out) -> bool:
+    """Runs a /command; False means quit."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        chat.reset()
+        print("(conversation cleared)", file=out)
+    elif name == "/system":
+        if arg:
+            chat.system = arg
+            print("(system prompt set)", file=out)
+        else:
+            print(chat.system if chat.system is not None else "(no system prompt)", file=out)
+    elif name in ("/save", "/load") and not arg:
+        print(f"usage: {name} FILE", file=out)
+    elif name == "/save":
+        chat.save(Path(arg).expanduser())
+        print(f"(saved {len(chat.conversation())} messages to {arg})", file=out)
+    elif name == "/load":
+        chat.load(Path(arg).expanduser())
+        print(f"(loaded {len(chat.conversation())} messages from {arg})", file=out)
+    elif name == "/stats":
+        print(chat.stats(), file=out)
+    elif name == "/help":
+        print(HELP, file=out)
+    else:
+        print(f"unknown command {name}; /help lists them", file=out)
+    return True
+
+
+def say(chat: Chat, text: str, out):
+    dropped = chat.add_user(text)
+    if dropped:
+        print(f"(dropped the {dropped} oldest turn{'s' * (dropped > 1)} to fit OpenELM's {chat.window}-token context)",
+              file=out)
+    stop = threading.Event()
+    with ctrl_c_sets(stop), closing(chat.reply()) as stream:
+        for r in stream:
+            out.write(r.text)
+            out.flush()
+            if stop.is_set():
+                break
+    out.write("\n")
+    if stop.is_set():
+        print("(stopped; the partial reply stays in the history)", file=out)
+
+
+def repl(chat: Chat, title: str, out=sys.stdout):
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    print(f"{title}\n/help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=out)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            out.write("\n")
+            return
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit to leave)", file=out)
+            continue
+        if not line.strip():
+            continue
+        try:
+            if line.startswith("/"):
+                if not command(chat, line.strip(), out):
+                    return
+            else:
+                say(chat, line, out)
+        except ElmError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # outside a reply (Ctrl-C during one only stops it)
+            print("\n(interrupted)", file=out)

@@ -1,0 +1,69 @@
+"""The chat page that `elm-mlx serve` serves at /, in headless Chromium: a message is
+sent and a streamed reply appears. The screenshot is kept in tests/artifacts/."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from checkpoints import make_hf_checkpoint
+from engine import TINY_32K
+from serving import running_server
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+# Debian's Chromium headless, offline and quiet: no sandbox (root), no GPU, no first-run or
+# background traffic, and a profile of its own.
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1000,700"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and DRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    with tempfile.TemporaryDirectory(prefix="elm-mlx-chromium-") as profile:
+        for flag in FLAGS + [f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)  # no driver download
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory, llama_tokenizer):
+    folder = tmp_path_factory.mktemp("models") / "tiny-Instruct"
+    make_hf_checkpoint(folder, TINY_32K, seed=5)
+    shutil.copyfile(llama_tokenizer, folder / "tokenizer.model")
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with running_server(folder, log, "--max-tokens", "24", "--temp", "0") as url:  # greedy: no early EOS
+        yield url
+
+
+def test_a_message_gets_a_streamed_reply(browser, url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny-Instruct")
+    browser.find_element(By.ID, "input").send_keys("Hello, who are you?")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "chat-page.png"
+    browser.save_screenshot(str(shot))
+    print(f"screenshot: {shot}")
+
+    assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == ["Hello, who are you?"]
+    reply = browser.find_element(By.CSS_SELECTOR, ".assistant")
+    # The text arrived as many server-sent events, each appended as it came.
+    assert int(reply.get_attribute("data-chunks")) > 5 and reply.text.strip()
+    assert "24 tokens" in browser.find_element(By.CSS_SELECTOR, ".note").text
+    assert shot.stat().st_size > 0
