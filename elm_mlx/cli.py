@@ -266,8 +266,8 @@ def bench(
         raise ElmError(f"{len(ids)} prompt + {gen_tokens} generated tokens exceed OpenELM's "
                        f"{model_.config.max_context_length}-token context")
     say("probing memory bandwidth ...")
-    info = {"model": model, "dtype": b.DTYPE_LABELS[model_.transformer.norm.weight.dtype], "quant": quant,
-            "method": method, "load_s": load_s, **b.environment()}
+    info = {"model": model, "dtype": b.DTYPE_LABELS[model_.transformer.norm.weight.dtype],
+            "quant": b.quant_label(model_), "method": method, "load_s": load_s, **b.environment()}
     engines = [b.elm_engine(model_)] + ([b.mlx_lm_engine(model_)] if compare else [])
     runs = b.measure(engines, ids, gen_tokens, repeats, info, progress=say)
     typer.echo(b.table(runs), err=json_file == "-")

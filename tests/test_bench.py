@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from checkpoints import hf_config
+from checkpoints import hf_config, make_hf_checkpoint
 from typer.testing import CliRunner
 
 from elm_mlx import bench as b
@@ -117,14 +117,15 @@ def test_quantized_bytes_count_packed_weights_scales_and_biases(quant, bits):
     model = b.quantize(tiny_model(mx.bfloat16), quant)
     cfg = model.config
     paths = b.quantized_paths(model)
-    assert set(paths.values()) == {bits} and "transformer.token_embeddings" in paths
+    assert set(paths.values()) == {(bits, 64)} and "transformer.token_embeddings" in paths
+    assert b.quant_label(model) == quant
     matrices = {k: v for k, v in cfg.weight_shapes().items() if len(v) == 2}
     norms = sum(int(np.prod(s)) for k, s in cfg.weight_shapes().items() if len(s) == 1)
     packed = sum(r * c * bits // 8 + 2 * (r * c // 64) * 2 for r, c in matrices.values())  # + bf16 scales, biases
     row = cfg.model_dim * bits // 8 + 2 * (cfg.model_dim // 64) * 2
     assert b.weight_bytes_per_token(model) == packed + 2 * norms + row
     assert b.quantize(model, quant) is model  # already quantized: left alone
-    with pytest.raises(ElmError, match="already quantized"):
+    with pytest.raises(ElmError, match=f"already quantized \\({quant}\\)"):
         b.quantize(model, "q8" if bits == 4 else "q4")
 
 
@@ -203,8 +204,8 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-def bench_json(*args):
-    r = runner.invoke(app, ["bench", "--random-weights", "--json", "-", *args])
+def bench_json(*args, random_weights=True):
+    r = runner.invoke(app, ["bench", "--json", "-", *args] + (["--random-weights"] if random_weights else []))
     assert r.exit_code == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
@@ -249,6 +250,24 @@ def test_compare_pp_tg_writes_both_engines_and_ratios(tiny_folder, tmp_path):
 def test_bad_flags_say_what_is_wrong(tiny_folder, args, message):
     r = runner.invoke(app, ["bench", "--model", str(tiny_folder), "--random-weights", *args])
     assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_checkpoint_folder_is_loaded_and_timed_from_the_start_of_loading(tmp_path):
+    make_hf_checkpoint(tmp_path, TINY64, seed=3, dtype="BF16")
+    runs, _ = bench_json("--model", str(tmp_path), "--gen-tokens", "3", random_weights=False)
+    assert runs[0]["dtype"] == "bf16" and runs[0]["load_s"] > 0
+    assert runs[0]["ttft_s"] > runs[0]["load_s"]
+
+
+def test_a_quantized_folder_is_measured_as_it_is_against_mlx_lm(tmp_path, llama_tokenizer):
+    # elm-mlx convert's q4 recipe keeps the embedding and two FFN projections at 8 bits
+    from elm_mlx.convert import convert
+
+    make_hf_checkpoint(tmp_path / "hf", TINY64, seed=4)
+    convert(tmp_path / "hf", tmp_path / "q4", quant="q4", progress=False, tokenizer=llama_tokenizer)
+    runs, _ = bench_json("--model", str(tmp_path / "q4"), "--method", "pp-tg", "-p", "8", "-g", "3", "-n", "1",
+                         "--compare", "mlx-lm", "--quant", "q4", random_weights=False)
+    assert [r["engine"] for r in runs] == ["elm-mlx", "mlx-lm"] and {r["quant"] for r in runs} == {"q4/8"}
 
 
 def test_random_weights_need_a_preset_or_a_config():

@@ -32,8 +32,9 @@ WARMUP_TOKENS = 4  # covers the prefill and the decode step; the KV cache grows 
 def quantize(model, quant: str | None):
     """In place, mlx-lm's affine scheme: group size 64 on every Linear and the
     embedding whose input width it divides (mlx-lm's convert skips the others;
-    every OpenELM size's widths are multiples of 256). An already quantized
-    model is left as it is."""
+    every OpenELM size's widths are multiples of 256). A model that is already
+    quantized (a quantized folder: `elm-mlx convert --quant` or mlx-lm's) is
+    kept as it is, recipe included, if `quant` names one of its widths."""
     if quant is None:
         return model
     bits = QUANT_BITS.get(quant)
@@ -41,8 +42,9 @@ def quantize(model, quant: str | None):
         raise ElmError(f"--quant {quant!r}: expected one of {', '.join(QUANT_BITS)}")
     done = quantized_paths(model)
     if done:
-        if set(done.values()) != {bits}:
-            raise ElmError(f"--quant {quant}: the model is already quantized to {sorted(set(done.values()))} bits")
+        if bits not in {b for b, _ in done.values()}:
+            raise ElmError(f"--quant {quant}: the model is already quantized ({quant_label(model)}); "
+                           "drop --quant to measure it as it is")
         return model
     nn.quantize(model, group_size=GROUP_SIZE, bits=bits,
                 class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0)
@@ -51,18 +53,24 @@ def quantize(model, quant: str | None):
 
 
 def quantized_paths(model) -> dict:
-    """{module path: bits} of the quantized layers."""
-    return {path: m.bits for path, m in model.named_modules()
+    """{module path: (bits, group size)} of the quantized layers."""
+    return {path: (m.bits, m.group_size) for path, m in model.named_modules()
             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def quant_label(model) -> str | None:
+    """'q4', or 'q4/8' for a recipe mixing widths; None when not quantized."""
+    bits = sorted({b for b, _ in quantized_paths(model).values()})
+    return "q" + "/".join(map(str, bits)) if bits else None
 
 
 def quantize_like(target, source):
     """Quantize target's layers that are quantized in source (same module
-    paths), so that source's packed arrays load into target."""
-    bits = quantized_paths(source)
-    if bits:
-        nn.quantize(target, group_size=GROUP_SIZE,
-                    class_predicate=lambda path, _: path in bits and {"bits": bits[path], "group_size": GROUP_SIZE})
+    paths, bits and group sizes), so that source's packed arrays load into target."""
+    done = quantized_paths(source)
+    if done:
+        nn.quantize(target, class_predicate=lambda path, _: path in done and
+                    {"bits": done[path][0], "group_size": done[path][1], "mode": "affine"})
 
 
 def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: str | None, clock=time.perf_counter):
