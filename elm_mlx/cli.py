@@ -214,6 +214,73 @@ def serve(
 
 
 @app.command()
+@user_errors
+def bench(
+    model: str = typer.Option(..., "--model", "-M", help=MODEL_HELP),
+    random_weights: bool = typer.Option(
+        False, help="Build the model's exact architecture with random weights instead of loading any (speed does "
+        "not depend on their values): offline, on any machine. --model is then a preset or a folder with config.json."),
+    method: str = typer.Option(
+        "paper", help="paper: the OpenELM paper's Apple-silicon method (BOS + a fixed 36-token English prompt, "
+        "1024 generated tokens, 1 run after a warm-up). pp-tg: llama-bench / mlx_lm.benchmark (a random prompt of "
+        "--prompt-tokens 512, 128 generated tokens, 5 runs, mean ± std)."),
+    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
+    quant: Optional[str] = typer.Option(None, help="Quantize the weights first: q8 or q4 (mlx-lm's affine scheme, "
+                                        "group size 64, every Linear and the embedding)."),
+    gen_tokens: Optional[int] = typer.Option(None, "--gen-tokens", "-g",
+                                             help="Tokens to generate per run (EOS is ignored)."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", "-p", help="Random prompt length (pp-tg)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", "-n", help="Measured runs per engine."),
+    compare: Optional[str] = typer.Option(
+        None, help="mlx-lm: also run mlx-lm's own OpenELM on the same weight arrays, prompt and settings, "
+        "alternating runs, and print the ratio per metric."),
+    json_file: Optional[str] = typer.Option(None, "--json", help="Write the runs as a JSON list to FILE ('-': "
+                                            "stdout, and the table goes to stderr)."),
+):
+    """Measure prompt, generation and total tok/s, time to first token, peak memory and memory bandwidth achieved."""
+    import json
+
+    import mlx.core as mx
+
+    from . import bench as b
+
+    defaults = b.METHODS.get(method)
+    if defaults is None:
+        raise ElmError(f"--method {method!r}: expected one of {', '.join(b.METHODS)}")
+    if compare not in (None, "mlx-lm"):
+        raise ElmError(f"--compare {compare!r}: expected mlx-lm")
+    gen_tokens = defaults["gen_tokens"] if gen_tokens is None else gen_tokens
+    repeats = defaults["repeats"] if repeats is None else repeats
+    if method == "pp-tg" and prompt_tokens is None:
+        prompt_tokens = defaults["prompt_tokens"]
+    for flag, value in [("--gen-tokens", gen_tokens), ("--repeats", repeats), ("--prompt-tokens", prompt_tokens)]:
+        if value is not None and value < 1:
+            raise ElmError(f"{flag} {value}: expected >= 1")
+    if quant is not None and quant not in b.QUANT_BITS:
+        raise ElmError(f"--quant {quant!r}: expected one of {', '.join(b.QUANT_BITS)}")
+    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    say(f"loading {model}{' (random weights)' if random_weights else ''} ...")
+    model_, load_s = b.load_bench_model(model, dtype, random_weights, quant)
+    ids = b.prompt_ids(method, prompt_tokens, model_.config.vocab_size)
+    if len(ids) + gen_tokens > model_.config.max_context_length:
+        raise ElmError(f"{len(ids)} prompt + {gen_tokens} generated tokens exceed OpenELM's "
+                       f"{model_.config.max_context_length}-token context")
+    say("probing memory bandwidth ...")
+    info = {"model": model, "dtype": b.DTYPE_LABELS[model_.transformer.norm.weight.dtype],
+            "quant": b.quant_label(model_), "method": method, "load_s": load_s, **b.environment()}
+    engines = [b.elm_engine(model_)] + ([b.mlx_lm_engine(model_)] if compare else [])
+    runs = b.measure(engines, ids, gen_tokens, repeats, info, progress=say)
+    typer.echo(b.table(runs), err=json_file == "-")
+    if json_file:
+        text = json.dumps(runs, indent=1)
+        if json_file == "-":
+            typer.echo(text)
+        else:
+            Path(json_file).write_text(text + "\n")
+    mx.clear_cache()
+
+
+@app.command()
 def models():
     """List the presets: hub id, parameters, layers and memory."""
     from .config import PRESETS, OpenELMConfig

@@ -49,7 +49,7 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 
     def step(tokens):
         nonlocal seen
-        logits = model(tokens[None], cache)[:, -1, :]
+        logits = model(tokens[None], cache, last_only=True)[:, -1, :]
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         y = sampler(logits)

@@ -84,7 +84,7 @@ class Transformer(nn.Module):
 
 
 class Model(nn.Module):
-    """model(tokens[B, L], cache=None) -> logits[B, L, vocab]."""
+    """model(tokens[B, L], cache=None) -> logits[B, L, vocab] (L = 1 with last_only)."""
 
     def __init__(self, cfg: OpenELMConfig):
         super().__init__()
@@ -93,8 +93,10 @@ class Model(nn.Module):
         if not cfg.share_input_output_layers:
             self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
 
-    def __call__(self, tokens, cache=None):
+    def __call__(self, tokens, cache=None, last_only=False):
         h = self.transformer(tokens, cache)
+        if last_only:  # generation reads only the last position: skip the head's vocab x dim work for the others
+            h = h[:, -1:, :]
         if "lm_head" in self:
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)

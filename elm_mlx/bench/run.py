@@ -1,0 +1,224 @@
+"""What is timed: the model (loaded, or random weights of the exact
+architecture, optionally quantized), the engines run on it (elm-mlx, mlx-lm's
+own OpenELM, a naive-RMSNorm copy) and the alternating, warmed-up runs."""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..errors import ElmError
+from .metrics import Stamps, bandwidth, kv_bytes_per_token, run_metrics, weight_bytes_per_token
+
+# The OpenELM paper's Apple-silicon method is Apple's CoreNet inference.py:
+# BOS + this Treasure Island sentence, greedy, KV cache, 1024 new tokens.
+PAPER_PROMPT = ("Squire Trelawney, Dr. Livesey, and the rest of these gentlemen having asked me to write down "
+                "the whole particulars about Treasure Island, from the")
+# Its Llama-2 ids (BOS first; a test checks them against the tokenizer), so a
+# benchmark needs no tokenizer file: every OpenELM shares this vocabulary.
+PAPER_PROMPT_IDS = [1, 317, 1548, 6479, 10653, 3801, 29892, 4942, 29889, 16238, 968, 29891, 29892, 322, 278, 1791,
+                    310, 1438, 26703, 2534, 4433, 592, 304, 2436, 1623, 278, 3353, 3153, 29879, 1048, 6479, 3745,
+                    7935, 29892, 515, 278]
+METHODS = {"paper": dict(gen_tokens=1024, repeats=1), "pp-tg": dict(gen_tokens=128, prompt_tokens=512, repeats=5)}
+QUANT_BITS = {"q8": 8, "q4": 4}
+GROUP_SIZE = 64  # mlx-lm's affine default
+DTYPE_LABELS = {mx.float32: "fp32", mx.bfloat16: "bf16", mx.float16: "fp16"}
+WARMUP_TOKENS = 4  # covers the prefill and the decode step; the KV cache grows alike in both engines
+
+
+def quantize(model, quant: str | None):
+    """In place, mlx-lm's affine scheme: group size 64 on every Linear and the
+    embedding whose input width it divides (mlx-lm's convert skips the others;
+    every OpenELM size's widths are multiples of 256). A model that is already
+    quantized (a quantized folder: `elm-mlx convert --quant` or mlx-lm's) is
+    kept as it is, recipe included, if `quant` names one of its widths."""
+    if quant is None:
+        return model
+    bits = QUANT_BITS.get(quant)
+    if bits is None:
+        raise ElmError(f"--quant {quant!r}: expected one of {', '.join(QUANT_BITS)}")
+    done = quantized_paths(model)
+    if done:
+        if bits not in {b for b, _ in done.values()}:
+            raise ElmError(f"--quant {quant}: the model is already quantized ({quant_label(model)}); "
+                           "drop --quant to measure it as it is")
+        return model
+    nn.quantize(model, group_size=GROUP_SIZE, bits=bits,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0)
+    mx.eval(model.parameters())
+    return model
+
+
+def quantized_paths(model) -> dict:
+    """{module path: (bits, group size)} of the quantized layers."""
+    return {path: (m.bits, m.group_size) for path, m in model.named_modules()
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+
+
+def quant_label(model) -> str | None:
+    """'q4', or 'q4/8' for a recipe mixing widths; None when not quantized."""
+    bits = sorted({b for b, _ in quantized_paths(model).values()})
+    return "q" + "/".join(map(str, bits)) if bits else None
+
+
+def quantize_like(target, source):
+    """Quantize target's layers that are quantized in source (same module
+    paths, bits and group sizes), so that source's packed arrays load into target."""
+    done = quantized_paths(source)
+    if done:
+        nn.quantize(target, class_predicate=lambda path, _: path in done and
+                    {"bits": done[path][0], "group_size": done[path][1], "mode": "affine"})
+
+
+def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: str | None, clock=time.perf_counter):
+    """(model, load seconds). Random weights build the exact architecture of
+    a preset (or of a folder's config.json) without reading any weights:
+    decode speed does not depend on their values."""
+    from pathlib import Path
+
+    from ..checkpoint import parse_dtype
+    from ..config import OpenELMConfig, preset_name
+    from ..load import load_model
+    from ..model import Model
+
+    start = clock()
+    if random_weights:
+        folder = Path(name).expanduser()
+        if (folder / "config.json").is_file():
+            cfg = OpenELMConfig.from_file(folder / "config.json")
+        elif preset_name(name):
+            cfg = OpenELMConfig.from_preset(name)
+        else:
+            raise ElmError(f"--model {name!r} with --random-weights: expected a preset (270M, 450M, 1_1B, 3B) "
+                           "or a folder with a config.json")
+        model = Model(cfg)  # nn.Linear/nn.Embedding initialise random weights
+        model.set_dtype(parse_dtype(dtype or "bf16"))
+        for _, p in tree_flatten(model.parameters()):  # one tensor at a time: no float32 copy of the whole model
+            mx.eval(p)
+    else:
+        from ..hub import resolve
+
+        model = load_model(resolve(name, dtype), dtype)
+    quantize(model, quant)
+    return model, clock() - start
+
+
+@dataclass
+class Engine:
+    """A name and a function from prompt ids to an endless iterator of greedy
+    token ids (EOS ignored), each id already evaluated."""
+    name: str
+    model: object
+    tokens: Callable[[list], Iterator[int]]
+
+
+def elm_engine(model, name="elm-mlx") -> Engine:
+    from ..generate import generate_tokens
+
+    return Engine(name, model, lambda ids: generate_tokens(model, ids))
+
+
+def mlx_lm_engine(model) -> Engine:
+    """mlx-lm's own OpenELM on the very same weight arrays (no copy), driven
+    by mlx-lm's generate_step: what mlx-lm's users get."""
+    from mlx_lm.generate import generate_step, generation_stream
+    from mlx_lm.models import openelm
+
+    theirs = openelm.Model(openelm.ModelArgs.from_dict(model.config.to_dict()))
+    quantize_like(theirs, model)
+    theirs.load_weights(tree_flatten(model.parameters()))  # replaces their lazy random init before it exists
+
+    def tokens(ids):
+        try:
+            for y, _ in generate_step(mx.array(ids), theirs, max_tokens=-1, sampler=lambda x: mx.argmax(x, axis=-1)):
+                yield y
+        finally:
+            mx.synchronize(generation_stream)  # mlx-lm queues its steps on its own stream
+
+    return Engine("mlx-lm", theirs, tokens)
+
+
+class NaiveRMSNorm(nn.Module):
+    """The paper's baseline: RMSNorm composed of separate ops (square, mean,
+    rsqrt, two products) in float32, then cast, instead of one fused kernel."""
+
+    def __init__(self, weight: mx.array, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def __call__(self, x):
+        xf = x.astype(mx.float32)
+        y = xf * mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight
+
+
+def naive_norm_engine(model) -> Engine:
+    """The same model and weight arrays with every one of its 4·L+1 RMSNorms
+    (per-head q/k norms included) composed of separate ops: the RMSNorm
+    ablation of the paper's Table 10."""
+    from ..model import Model
+
+    naive = Model(model.config)
+    quantize_like(naive, model)
+    naive.load_weights(tree_flatten(model.parameters()))
+    norms = [(path, m) for path, m in naive.named_modules() if isinstance(m, nn.RMSNorm)]
+    for path, m in norms:
+        *parents, leaf = path.split(".")
+        owner = naive
+        for p in parents:
+            owner = owner[int(p)] if p.isdigit() else getattr(owner, p)
+        setattr(owner, leaf, NaiveRMSNorm(m.weight, m.eps))
+    return elm_engine(naive, name="naive RMSNorm")
+
+
+def time_run(tokens: Iterator[int], n: int, clock=time.perf_counter) -> Stamps:
+    """Draw n tokens; the iterator does no work before it is first advanced."""
+    start = clock()
+    next(tokens)
+    first = clock()
+    for _ in range(n - 1):
+        next(tokens)
+    end = clock()
+    tokens.close()
+    mx.synchronize()  # the step queued behind the last token finishes outside the window
+    return Stamps(start, first, end)
+
+
+def prompt_ids(method: str, prompt_tokens: int | None, vocab_size: int) -> list:
+    if method == "paper":
+        if prompt_tokens is not None:
+            raise ElmError("--prompt-tokens: the paper method's prompt is fixed (BOS + Treasure Island, 36 tokens); "
+                           "use --method pp-tg for another length")
+        if vocab_size <= max(PAPER_PROMPT_IDS):
+            raise ElmError(f"the paper method's prompt needs the Llama-2 vocabulary (32000 tokens); this model has "
+                           f"{vocab_size}: use --method pp-tg")
+        return list(PAPER_PROMPT_IDS)
+    # mlx_lm.benchmark's prompt: uniform random ids, seed 0.
+    return mx.random.randint(0, vocab_size, (prompt_tokens,), key=mx.random.key(0)).tolist()
+
+
+def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict, progress=None,
+            clock=time.perf_counter) -> list:
+    """Warm every engine up, then alternate them (ABBA order, so a drift of the
+    machine falls on both alike). One dict per run: `info` (model, dtype,
+    method, load_s, machine bandwidth, ...) plus the run's metrics. Bytes are
+    counted on the first engine's model: all engines share its arrays."""
+    progress = progress or (lambda msg: None)
+    weights, kv = weight_bytes_per_token(engines[0].model), kv_bytes_per_token(engines[0].model)
+    for e in engines:
+        progress(f"warm-up: {e.name}")
+        time_run(e.tokens(ids), min(WARMUP_TOKENS, gen_tokens), clock)
+    runs = []
+    for r in range(repeats):
+        for e in engines if r % 2 == 0 else engines[::-1]:
+            progress(f"run {r + 1}/{repeats}: {e.name}, {len(ids)} prompt + {gen_tokens} generated tokens")
+            mx.reset_peak_memory()
+            stamps = time_run(e.tokens(ids), gen_tokens, clock)
+            m = run_metrics(stamps, len(ids), gen_tokens, info["load_s"])
+            m.update(bandwidth(weights, kv, len(ids), gen_tokens, m["generation_tps"], info["machine_bandwidth_gbps"]))
+            runs.append({**info, "engine": e.name, "repeat": r, "prompt_tokens": len(ids),
+                         "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9})
+    return runs
