@@ -97,8 +97,9 @@ def convert(
     dtype: str = typer.Option("bf16", help="Stored dtype of the float weights (and of quantization scales): "
                               "bf16, fp16 or fp32. The 3B must not use fp16."),
     quant: Optional[str] = typer.Option(
-        None, help="Quantize: q4 or q8 (affine, mx.quantize). The embedding / output head and the first and last "
-        "FFN down-projections keep 8 bits (see docs/QUANTIZATION.md). The folder then loads with no flags."),
+        None, help="Quantize: q4 or q8 (affine, mx.quantize). The embedding / output head and block 0, the most "
+        "sensitive, get 8 bits under q4 and stay unquantized under q8 (see docs/QUANTIZATION.md). The folder "
+        "then loads with no flags."),
     group_size: Optional[int] = typer.Option(
         None, help="With --quant: weights sharing one scale and bias, 32, 64 or 128. Default 64."),
     report: bool = typer.Option(
