@@ -78,22 +78,28 @@ def partials(parent: Path) -> list:
 def test_concurrent_conversions_into_one_folder(src, tmp_path, llama_tokenizer):
     out = tmp_path / "cache" / "model"
     first = child(tmp_path, src, out, llama_tokenizer, "hold", tmp_path / "first")
-    wait_for(tmp_path / "first", first)  # first holds the lock, mid-write
-    second = child(tmp_path, src, out, llama_tokenizer, "plain", tmp_path / "second")
-    # The second waits on the lock: it says so and writes nothing.
-    deadline = time.monotonic() + 120
-    while "waiting for another conversion" not in (err := Path(f"{tmp_path / 'second'}.err").read_text()):
-        assert second.poll() is None and time.monotonic() < deadline, err
-        time.sleep(0.05)
-    assert not (tmp_path / "second").exists() and not out.exists()
-    (tmp_path / "first.go").write_text("")
-    assert first.communicate(timeout=120)[0].strip() == "converted"
-    result = second.communicate(timeout=120)[0].strip()
-    assert result.startswith("OutputExists") and "already exists" in result
-    assert not (tmp_path / "second").exists()  # it never started writing
-    assert np.array_equal(engine.logits(load_model(out), TOKENS),
-                          engine.logits(load_model(src, dtype="fp32"), TOKENS))
-    assert not partials(out.parent)
+    second = None
+    try:
+        wait_for(tmp_path / "first", first)  # first holds the lock, mid-write
+        second = child(tmp_path, src, out, llama_tokenizer, "plain", tmp_path / "second")
+        # The second waits on the lock: it says so and writes nothing.
+        deadline = time.monotonic() + 120
+        while "waiting for another conversion" not in (err := Path(f"{tmp_path / 'second'}.err").read_text()):
+            assert second.poll() is None and time.monotonic() < deadline, err
+            time.sleep(0.05)
+        assert not (tmp_path / "second").exists() and not out.exists()
+        (tmp_path / "first.go").write_text("")
+        assert first.communicate(timeout=120)[0].strip() == "converted"
+        result = second.communicate(timeout=120)[0].strip()
+        assert result.startswith("OutputExists") and "already exists" in result
+        assert not (tmp_path / "second").exists()  # it never started writing
+        assert np.array_equal(engine.logits(load_model(out), TOKENS),
+                              engine.logits(load_model(src, dtype="fp32"), TOKENS))
+        assert not partials(out.parent)
+    finally:  # a failed assertion must not leave a child waiting forever
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
 
 
 def test_killed_conversion_leaves_nothing_that_loads(src, tmp_path, llama_tokenizer):
