@@ -31,6 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT.parent / "shared/llama2-tokenizer/tokenizer.model"
 
 
+def unquantized_reference(folder: Path):
+    """(config, fp32 weights, report-text token ids, the unquantized model's log-probs on them)."""
+    cfg = OpenELMConfig.from_dict(read_config(folder / "config.json"))
+    weights = load_weights(folder, cfg, mx.float32)
+    mx.eval(list(weights.values()))
+    tokens = Tokenizer(TOKENIZER).encode(TEXT)
+    reference = Model(cfg)
+    reference.load_weights(list(weights.items()))
+    return cfg, weights, tokens, log_probs(reference, tokens)
+
+
 def quantized_model(cfg, weights: dict, plan) -> Model:
     stored = {}
     for key, value in weights.items():
@@ -55,14 +66,7 @@ def main():
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--top", type=int, default=12, help="how many of the most sensitive modules to print")
     a = p.parse_args()
-    cfg = OpenELMConfig.from_dict(read_config(a.folder / "config.json"))
-    weights = load_weights(a.folder, cfg, mx.float32)
-    mx.eval(list(weights.values()))
-    tokens = Tokenizer(TOKENIZER).encode(TEXT)
-    reference = Model(cfg)
-    reference.load_weights(list(weights.items()))
-    ref = log_probs(reference, tokens)
-    del reference
+    cfg, weights, tokens, ref = unquantized_reference(a.folder)
 
     q4 = make_plan(cfg, "q4", a.group_size, high=[])
     print(f"per-module sensitivity ({len(q4.modules)} modules, one at a time at 4 bits, group {a.group_size}):")

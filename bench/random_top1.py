@@ -7,26 +7,13 @@ quantize one part at a time and watch the argmax flip while KL stays tiny.
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 from elm_mlx.convert.quantize import Plan, make_plan
-from elm_mlx.convert.report import TEXT, compare, log_probs
-from quant_sensitivity import TOKENIZER, quantized_model
-
-from elm_mlx.checkpoint import load_weights
-from elm_mlx.config import OpenELMConfig, read_config
-from elm_mlx.model import Model
-from elm_mlx.tokenizer import Tokenizer
+from elm_mlx.convert.report import compare, log_probs
+from quant_sensitivity import quantized_model, unquantized_reference
 
 
 def main(folder: Path):
-    cfg = OpenELMConfig.from_dict(read_config(folder / "config.json"))
-    weights = load_weights(folder, cfg, mx.float32)
-    mx.eval(list(weights.values()))
-    tokens = Tokenizer(TOKENIZER).encode(TEXT)
-    reference = Model(cfg)
-    reference.load_weights(list(weights.items()))
-    ref = log_probs(reference, tokens)
-    del reference
+    cfg, weights, tokens, ref = unquantized_reference(folder)
     emb = "transformer.token_embeddings"
     all8 = make_plan(cfg, "q8", 64, high=[])
     plans = {
