@@ -10,7 +10,6 @@ and the float64 reference forward (reference.py) runs on those weights.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import engine
@@ -271,9 +270,8 @@ def test_270m_random_weights_quality(llama_tokenizer):
 @pytest.mark.slow
 def test_trained_checkpoint_top1_agreement(tmp_path, llama_tokenizer):
     """The issue's thresholds, q8 >= 99% and q4 >= 90% top-1, on a tiny OpenELM
-    trained with MLX on public-domain text (bench/train_tiny.py; smaller and
+    trained with MLX on public-domain text (tests/train_tiny.py; smaller and
     with fewer steps than the documented run, so the test takes about four minutes)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from train_tiny import train
 
     small = hf_config(layers=4, model_dim=128, head_dim=32, num_query_heads=[4, 4, 8, 8], num_kv_heads=[1, 1, 2, 2],

@@ -10,7 +10,7 @@ distributions on the report text are the reference; then
      agreement, bits per weight.
 Compute in float32 so only quantization moves the distributions.
 
-    python bench/quant_sensitivity.py FOLDER [--group-size 64] [--top 12]
+    python docs/studies/quant_sensitivity.py FOLDER [--group-size 64] [--top 12]
 """
 
 import argparse
@@ -27,8 +27,8 @@ from elm_mlx.load import quantize_modules
 from elm_mlx.model import Model
 from elm_mlx.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared/llama2-tokenizer/tokenizer.model"
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = ROOT / "tests/data/llama2-tokenizer/tokenizer.model"
 
 
 def unquantized_reference(folder: Path):

@@ -1,7 +1,7 @@
 """Why top-1 agreement on a random-weight model stays below 99% at 8 bits:
 quantize one part at a time and watch the argmax flip while KL stays tiny.
 
-    python bench/random_top1.py FOLDER      # e.g. the random 270M of docs/QUANTIZATION.md
+    python docs/studies/random_top1.py FOLDER      # e.g. the random 270M of docs/QUANTIZATION.md
 """
 
 import sys

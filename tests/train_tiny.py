@@ -6,13 +6,13 @@ The model is OpenELM's architecture at a small size: 6 layers, model_dim 256,
 head_dim 32, layer-wise scaling of heads (4 -> 8 query heads, 4 per KV head, as
 in the real sizes) and FFN widths (0.5 -> 4.0 x model_dim), the real 32000-token
 Llama-2 vocabulary and tokenizer, tied embeddings. Training: next-token
-cross-entropy (softmax over the tokens the corpus uses) on bench/data/corpus.txt plus the quality report's text (all
+cross-entropy (softmax over the tokens the corpus uses) on tests/data/corpus.txt plus the quality report's text (all
 public-domain passages), AdamW
 (lr 3e-3, betas 0.9/0.95, weight decay 0.1, as CoreNet's recipe), 64-token
 windows at random offsets, batch 8, fixed seeds. Written as an Apple-layout HF
 folder (fp32 safetensors + config.json) that every converter path reads.
 
-    python bench/train_tiny.py OUT [--steps 120]
+    python tests/train_tiny.py OUT [--steps 120]
 """
 
 import argparse
@@ -25,8 +25,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # run as a script: checkpoints.py is beside it
 
 from checkpoints import hf_config, make_hf_checkpoint  # noqa: E402
 from elm_mlx.convert.report import TEXT  # noqa: E402
@@ -35,8 +35,8 @@ from elm_mlx.config import OpenELMConfig  # noqa: E402
 from elm_mlx.model import Model  # noqa: E402
 from elm_mlx.tokenizer import Tokenizer  # noqa: E402
 
-CORPUS = ROOT / "bench/data/corpus.txt"
-TOKENIZER = ROOT.parent / "shared/llama2-tokenizer/tokenizer.model"
+CORPUS = HERE / "data/corpus.txt"
+TOKENIZER = HERE / "data/llama2-tokenizer/tokenizer.model"
 TINY_TRAINED = hf_config(layers=6, model_dim=256, head_dim=32, num_query_heads=[4, 4, 4, 8, 8, 8],
                          num_kv_heads=[1, 1, 1, 2, 2, 2], ffn_multipliers=[0.5, 1.0, 1.5, 2.5, 3.25, 4.0],
                          vocab_size=32000, ffn_dim_divisor=64)
