@@ -10,6 +10,7 @@ import mlx.core as mx
 from .cache import make_cache
 from .errors import ElmError
 from .sample import apply_repetition_penalty, check_sampling, make_sampler
+from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, SpecStats, check_options, make_proposer, speculative_tokens
 
 
 @dataclass
@@ -22,6 +23,10 @@ class GenerationResponse:
     generation_tps: float  # tokens after the first / time after the first
     peak_memory_gb: float
     finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or context), else None
+    # Speculative decoding only (None otherwise): guesses the model kept, and
+    # tokens produced per forward pass of the model (1.0 is plain decoding's).
+    acceptance_rate: float | None = None
+    tokens_per_forward: float | None = None
 
 
 def encode_prompt(tokenizer, prompt, room: int, max_context: int) -> list:
@@ -66,14 +71,22 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
         y = next_y
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(), **sampling):
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(), prompt_lookup=0,
+                    ngram=DEFAULT_NGRAM, draft_model=None, num_draft_tokens=DEFAULT_DRAFT_TOKENS, **sampling):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     With `cache` (from make_cache, possibly holding earlier turns) the prompt
     continues what the cache holds, and the cache keeps the new context; the
     repetition penalty then sees this prompt, its output and `context` (pass
-    the ids the cache holds to penalize them too)."""
+    the ids the cache holds to penalize them too).
+
+    Speculative decoding (elm_mlx/speculative.py; same output, greedy token for
+    token): `prompt_lookup=N` guesses N tokens by matching the last `ngram`
+    tokens earlier in the text; `draft_model=` a smaller OpenELM (or the model
+    quantized) guesses `num_draft_tokens`. The cache may then end one token
+    short of the text (CachedContext handles that)."""
     check_sampling(**{k: v for k, v in sampling.items() if k != "seed"})
+    check_options(prompt_lookup, ngram, draft_model, num_draft_tokens, model)
     if max_tokens < 0:
         raise ElmError(f"--max-tokens {max_tokens}: expected >= 0")
     max_context = model.config.max_context_length
@@ -86,7 +99,16 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    for n, token in enumerate(generate_tokens(model, ids, cache=cache, context=context, **sampling), start=1):
+    stats = None
+    if prompt_lookup or draft_model is not None:
+        stats = SpecStats()
+        proposer = make_proposer(model, prompt_lookup, ngram, draft_model, num_draft_tokens,
+                                 sampling.get("repetition_penalty", 1.0))
+        tokens = speculative_tokens(model, ids, proposer, cache=cache, context=context, max_tokens=max_tokens,
+                                    stats=stats, **sampling)
+    else:
+        tokens = generate_tokens(model, ids, cache=cache, context=context, **sampling)
+    for n, token in enumerate(tokens, start=1):
         now = time.perf_counter()
         if n == 1:
             first, prompt_tps = now, len(ids) / (now - tic)
@@ -96,8 +118,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
         text = detok.finalize() if finish == "stop" else detok.add_token(token)
         if finish == "length":
             text += detok.finalize()
+        spec = (stats.acceptance_rate, stats.tokens_per_forward) if stats else (None, None)
         yield GenerationResponse(text, token, len(ids), n, prompt_tps, gen_tps,
-                                 mx.get_peak_memory() / 1e9, finish)
+                                 mx.get_peak_memory() / 1e9, finish, *spec)
         if finish:
             break
 

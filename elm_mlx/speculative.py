@@ -1,0 +1,241 @@
+"""Speculative decoding, exact: prompt lookup and a draft model.
+
+A proposer guesses the next k tokens cheaply (prompt lookup: what followed the
+last n-gram where it occurred before, in the prompt or the text so far; a draft
+model: its own k greedy or sampled tokens, from its own KV cache). The target
+reads the pending token and the k guesses in ONE eager forward, which gives its
+logits at every position; it keeps the longest prefix it agrees with plus its
+own token at the first disagreement (or after the last guess), and `trim`s its
+cache (and the draft's) past the rest. So each target forward yields 1 to k+1
+tokens.
+
+Exactness. Every verified position gets the same transforms plain decoding
+applies (elm_mlx/sample.py, HF order), the repetition penalty counting the
+tokens before that position: the "seen" set grows position by position inside
+a block. Greedy: agreement means the guess is the target's argmax there, so the
+output is plain greedy decoding's, token for token. Sampling: the standard
+speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023): accept a
+guess x drawn from q with probability min(1, p(x)/q(x)), on the first rejection
+draw from normalize(max(p - q, 0)), after k acceptances draw from p; the tokens
+then follow the target's p exactly. For prompt lookup q is a point mass on the
+guess: accept with probability p(x), on rejection draw from p without x.
+
+The generators keep `generate_tokens`' contract (yield ids one at a time, the
+caller stops) except that the cache may end one token short of what was
+yielded (the last token is read by the next block's forward);
+`context.CachedContext` already trims to what both hold.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import make_cache
+from .errors import ElmError
+from .sample import apply_repetition_penalty, filter_logits
+
+DEFAULT_NGRAM = 2  # transformers' prompt lookup default (max_matching_ngram_size)
+DEFAULT_DRAFT_TOKENS = 3  # mlx-lm's --num-draft-tokens default
+
+
+@dataclass
+class SpecStats:
+    """Counters of one generation: guesses made and kept, target forwards (the
+    prefill included) and tokens produced."""
+    proposed: int = 0
+    accepted: int = 0
+    target_forwards: int = 0
+    tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """1.0 for plain decoding; up to k+1 when every guess is kept."""
+        return self.tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+def check_options(prompt_lookup: int = 0, ngram: int = DEFAULT_NGRAM, draft_model=None,
+                  num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, target=None):
+    """Raises ElmError naming the flag at fault."""
+    for ok, flag, value, want in [
+        (prompt_lookup >= 0, "--prompt-lookup", prompt_lookup, ">= 0 (0 means off; Apple's model card uses 10)"),
+        (ngram >= 1, "--ngram", ngram, ">= 1"),
+        (num_draft_tokens >= 1, "--num-draft-tokens", num_draft_tokens, ">= 1"),
+    ]:
+        if not ok:
+            raise ElmError(f"{flag} {value}: expected {want}")
+    if prompt_lookup and draft_model is not None:
+        raise ElmError("--prompt-lookup and --draft-model: choose one way to propose tokens")
+    if draft_model is not None and target is not None:
+        check_draft(target, draft_model)
+
+
+def check_draft(target, draft, target_tokenizer=None, draft_tokenizer=None):
+    """A draft must speak the target's vocabulary: same size, and (when both
+    tokenizers are given) the same pieces."""
+    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    if tv != dv:
+        raise ElmError(f"--draft-model: its vocabulary has {dv} tokens, the model's {tv}: a draft must use the "
+                       "model's tokenizer (every OpenELM size shares Llama-2's)")
+    if target_tokenizer is not None and draft_tokenizer is not None:
+        if target_tokenizer.pieces() != draft_tokenizer.pieces():
+            raise ElmError(f"--draft-model: its tokenizer ({draft_tokenizer.path}) differs from the model's "
+                           f"({target_tokenizer.path}): a draft must use the model's tokenizer")
+
+
+def make_transform(temp, top_k, top_p, min_p, repetition_penalty):
+    """(logits[R, V], seen[R or 1, V] or None) -> the logits a choice is made
+    from: penalized, and for sampling scaled and filtered as sample.py does."""
+    def transform(logits, seen):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        return logits if temp == 0 else filter_logits(logits, temp, top_k, top_p, min_p)
+    return transform
+
+
+def seen_mask(ids, vocab_size: int):
+    seen = mx.zeros((vocab_size,), mx.bool_)
+    if len(ids):
+        seen[mx.array(ids)] = True
+    return seen
+
+
+class PromptLookup:
+    """Guesses what followed the most recent earlier occurrence of the last
+    `ngram` tokens (then of shorter n-grams) in the prompt and the text so far."""
+
+    def __init__(self, num_tokens: int, ngram: int = DEFAULT_NGRAM):
+        self.num_tokens, self.ngram = num_tokens, ngram
+
+    def propose(self, history: list, k: int, transform, greedy: bool):
+        """(guesses int32[<= k], None: the guesses are point masses)."""
+        h = np.asarray(history, dtype=np.int64)
+        for n in range(min(self.ngram, len(h) - 1), 0, -1):
+            # Windows start at 0 .. len-1-n, so each has a next token; the suffix itself is not one.
+            windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)
+            hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return mx.array(h[start:start + k].astype(np.int32)), None
+        return mx.array([], dtype=mx.int32), None
+
+    def kept(self, n: int):
+        pass
+
+
+class DraftModel:
+    """A smaller model (or the same one quantized) with its own KV cache, which
+    holds a prefix of the history: what it lacks is read at the next proposal,
+    what was rejected is trimmed by kept()."""
+
+    def __init__(self, draft, num_tokens: int = DEFAULT_DRAFT_TOKENS, penalize: bool = False):
+        self.model, self.num_tokens, self.penalize = draft, num_tokens, penalize
+        self.cache = make_cache(draft)
+
+    def propose(self, history: list, k: int, transform, greedy: bool):
+        """(guesses int32[k], their distributions q[k, V] (None when greedy)), lazily."""
+        if k == 0:
+            return mx.array([], dtype=mx.int32), None
+        held = min(self.cache[0].offset, len(history) - 1)  # the pending token is always read
+        self.kept(held)
+        feed = mx.array(history[held:])
+        seen = seen_mask(history, self.model.config.vocab_size) if self.penalize else None
+        guesses, qs = [], []
+        for _ in range(k):
+            logits = transform(self.model(feed[None], self.cache, last_only=True)[0], seen)
+            d = mx.argmax(logits, axis=-1) if greedy else mx.random.categorical(logits)
+            guesses.append(d)
+            if not greedy:
+                qs.append(mx.softmax(logits, axis=-1))
+            if seen is not None:
+                seen[d] = True
+            feed = d
+        return mx.concatenate(guesses).astype(mx.int32), (None if greedy else mx.concatenate(qs))
+
+    def kept(self, n: int):
+        """The first n history tokens are right; forget cached positions after them."""
+        for c in self.cache:
+            c.trim(max(0, c.offset - n))
+
+
+def make_proposer(target, prompt_lookup=0, ngram=DEFAULT_NGRAM, draft_model=None,
+                  num_draft_tokens=DEFAULT_DRAFT_TOKENS, repetition_penalty=1.0):
+    check_options(prompt_lookup, ngram, draft_model, num_draft_tokens, target)
+    if draft_model is not None:
+        return DraftModel(draft_model, num_draft_tokens, penalize=repetition_penalty != 1.0)
+    return PromptLookup(prompt_lookup, ngram)
+
+
+def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                       repetition_penalty=1.0, seed=None, cache=None, context=(), max_tokens=None,
+                       stats: SpecStats | None = None):
+    """Yields token ids (the caller stops) with plain decoding's distribution
+    (greedy: its exact tokens). `max_tokens`, when given, keeps blocks from
+    guessing past it. `stats` is updated as tokens are produced."""
+    if seed is not None:
+        mx.random.seed(seed)
+    stats = SpecStats() if stats is None else stats
+    cache = make_cache(model) if cache is None else cache
+    vocab = model.config.vocab_size
+    greedy, penalize = temp == 0, repetition_penalty != 1.0
+    transform = make_transform(temp, top_k, top_p, min_p, repetition_penalty)
+    history = list(context) + list(prompt_ids)
+    seen = seen_mask(history, vocab) if penalize else None  # every token before the pending one
+
+    def choose(logits):  # [R, V] transformed -> [R]
+        return mx.argmax(logits, axis=-1) if greedy else mx.random.categorical(logits)
+
+    logits = model(mx.array(prompt_ids)[None], cache, last_only=True)[0]
+    y = choose(transform(logits, None if seen is None else seen[None])).item()
+    stats.target_forwards += 1
+    stats.tokens += 1
+    history.append(y)
+    yield y
+    while True:
+        k = proposer.num_tokens if max_tokens is None else min(proposer.num_tokens, max_tokens - stats.tokens - 1)
+        guesses, q = proposer.propose(history, max(k, 0), transform, greedy)
+        k = guesses.shape[0]
+        tokens = mx.concatenate([mx.array([y], dtype=mx.int32), guesses])
+        rows_seen = None
+        if penalize:  # position i has seen every earlier token, the pending one and guesses 1..i
+            onehot = tokens[:, None] == mx.arange(vocab)[None]
+            rows_seen = seen[None] | (mx.cumsum(onehot.astype(mx.int32), axis=0) > 0)
+        logits = transform(model(tokens[None], cache)[0], rows_seen)  # [k+1, V]
+        if greedy:
+            pick = mx.argmax(logits, axis=-1)
+            agree = guesses == pick[:k]
+        else:
+            p = mx.softmax(logits, axis=-1)
+            p_guess = mx.take_along_axis(p[:k], guesses[:, None], axis=-1)[:, 0]
+            u = mx.random.uniform(shape=(k,))
+            if q is None:  # a point mass on each guess
+                agree = u < p_guess
+                residual = mx.where(mx.arange(vocab)[None] == guesses[:, None], 0.0, p[:k])
+            else:
+                q_guess = mx.take_along_axis(q, guesses[:, None], axis=-1)[:, 0]
+                agree = u * q_guess < p_guess
+                residual = mx.maximum(p[:k] - q, 0.0)
+            # One draw per position, each from what the rule says a stop there draws from;
+            # only the one at the first rejection (or after the last guess) is used.
+            pick = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
+        mx.eval(pick, agree)
+        agree, pick = agree.tolist(), pick.tolist()
+        a = next((i for i, ok in enumerate(agree) if not ok), k)
+        for c in cache:
+            c.trim(k - a)
+        kept = guesses[:a].tolist()
+        proposer.kept(len(history) + a)
+        if penalize:
+            seen[mx.array([y] + kept)] = True
+        y = pick[a]
+        stats.target_forwards += 1
+        stats.proposed += k
+        stats.accepted += a
+        for t in kept + [y]:
+            stats.tokens += 1
+            history.append(t)
+            yield t

@@ -1,0 +1,177 @@
+"""Speculative decoding (prompt lookup, draft model) against plain decoding:
+greedy token for token, sampling in distribution."""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from checkpoints import TINY, hf_config, random_weights
+from engine import TINY_32K, build
+
+from elm_mlx import ElmError, stream_generate
+from elm_mlx.cache import make_cache
+from elm_mlx.context import CachedContext
+from elm_mlx.generate import generate_tokens
+from elm_mlx.speculative import DraftModel, PromptLookup, SpecStats, speculative_tokens
+from elm_mlx.tokenizer import Tokenizer
+
+ARCHS = ["tied", "untied", "no_qk_norm", "odd_layers"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(TINY[name], random_weights(TINY[name], seed=i)) for i, name in enumerate(ARCHS)}
+
+
+def perturbed(cfg, seed, noise):
+    """A model close to the seed's random one: a draft that agrees often, not always."""
+    w = random_weights(cfg, seed=seed)
+    rng = np.random.default_rng(100 + seed)
+    return build(cfg, {k: v + noise * v.std() * rng.standard_normal(v.shape).astype(np.float32) for k, v in w.items()})
+
+
+def take(gen, n):
+    out = list(itertools.islice(gen, n))
+    gen.close()
+    return out
+
+
+def prompt(length, seed, vocab=512, period=None):
+    """Random ids; with `period`, a block repeated so that lookups find n-grams."""
+    rng = np.random.default_rng(seed)
+    if period is None:
+        return [1] + rng.integers(3, vocab, length - 1).tolist()
+    block = rng.integers(3, vocab, period).tolist()
+    return [1] + (block * (length // period + 1))[: length - 1]
+
+
+CASES = [  # (prompt length, repeat period, tokens to generate)
+    (6, None, 40),
+    (40, 7, 40),
+    (250, 31, 24),  # the KV cache grows at 256 positions: blocks straddle it
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_prompt_lookup_greedy_is_plain_greedy(models, arch, penalty):
+    model = models[arch]
+    stats = SpecStats()
+    for (length, period, n), (num, ngram) in itertools.product(CASES, [(1, 1), (3, 2), (10, 3)]):
+        ids = prompt(length, seed=length + num, period=period)
+        plain = take(generate_tokens(model, ids, repetition_penalty=penalty), n)
+        spec = take(speculative_tokens(model, ids, PromptLookup(num, ngram), repetition_penalty=penalty,
+                                       stats=stats), n)
+        assert spec == plain, (length, num, ngram)
+    # Both outcomes of verification happened, so both were checked.
+    assert 0 < stats.accepted < stats.proposed
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_draft_model_greedy_is_plain_greedy(models, arch, penalty):
+    model = models[arch]
+    cfg = TINY[arch]
+    drafts = [perturbed(cfg, ARCHS.index(arch), 0.3), models[ARCHS[(ARCHS.index(arch) + 1) % 4]]]
+    stats = SpecStats()
+    for (length, period, n), draft, num in itertools.product(CASES, drafts, [1, 4]):
+        ids = prompt(length, seed=length + num, period=period)
+        plain = take(generate_tokens(model, ids, repetition_penalty=penalty), n)
+        spec = take(speculative_tokens(model, ids, DraftModel(draft, num, penalize=penalty != 1.0),
+                                       repetition_penalty=penalty, stats=stats), n)
+        assert spec == plain, (length, num)
+    assert 0 < stats.accepted < stats.proposed
+
+
+def test_a_model_drafting_for_itself_is_always_right(models):
+    model = models["tied"]
+    stats = SpecStats()
+    ids = prompt(20, seed=5)
+    spec = take(speculative_tokens(model, ids, DraftModel(model, 4), stats=stats), 21)
+    assert spec == take(generate_tokens(model, ids), 21)
+    assert stats.accepted == stats.proposed == 16  # 4 blocks of 4 guesses after the prefill
+    assert stats.target_forwards == 5 and stats.tokens_per_forward == 21 / 5
+
+
+def test_lookup_proposes_what_followed_the_last_match():
+    lookup = PromptLookup(3, ngram=2)
+    guess, q = lookup.propose([1, 5, 6, 7, 8, 9, 5, 6, 7, 4, 5, 6], 3, None, True)
+    assert guess.tolist() == [7, 4, 5] and q is None  # the most recent "5 6", not the first
+    guess, _ = lookup.propose([1, 5, 6, 7, 9, 6], 3, None, True)  # no "9 6" before: falls back to "6"
+    assert guess.tolist() == [7, 9, 6]
+    assert lookup.propose([1, 2, 3], 3, None, True)[0].tolist() == []
+
+
+# ---------------------------------------------------------------- through stream_generate
+
+
+@pytest.fixture(scope="module")
+def model32k():
+    return build(TINY_32K, random_weights(TINY_32K, seed=3))
+
+
+@pytest.fixture(scope="module")
+def tok(llama_tokenizer):
+    return Tokenizer(llama_tokenizer)
+
+
+TEXT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"
+
+
+@pytest.mark.parametrize("kw", [dict(prompt_lookup=5), dict(draft_model="self", num_draft_tokens=2)])
+def test_stream_generate_speculates_with_stats(model32k, tok, kw):
+    kw = {**kw, "draft_model": model32k} if "draft_model" in kw else kw
+    plain = list(stream_generate(model32k, tok, TEXT, 17, repetition_penalty=1.2))
+    spec = list(stream_generate(model32k, tok, TEXT, 17, repetition_penalty=1.2, **kw))
+    assert [r.token for r in spec] == [r.token for r in plain]
+    assert "".join(r.text for r in spec) == "".join(r.text for r in plain)
+    assert [r.finish_reason for r in spec] == [r.finish_reason for r in plain]
+    assert plain[-1].acceptance_rate is None and plain[-1].tokens_per_forward is None
+    assert 0 <= spec[-1].acceptance_rate <= 1 and spec[-1].tokens_per_forward >= 1
+
+
+def test_cached_context_resumes_after_speculation(model32k, tok):
+    ids = tok.encode(TEXT)
+    context = CachedContext(model32k)
+    first = [r.token for r in context.stream(tok, ids, 9, prompt_lookup=4)]
+    follow = ids + first + tok.encode(" and then", add_bos=False)
+    second = [r.token for r in context.stream(tok, follow, 6, prompt_lookup=4)]
+    assert context.reused >= len(ids) + len(first) - 1
+    assert second == [r.token for r in stream_generate(model32k, tok, follow, 6)]
+
+
+def test_a_cache_passed_in_is_continued(model32k, tok):
+    cache = make_cache(model32k)
+    ids = tok.encode(TEXT)
+    out = [r.token for r in stream_generate(model32k, tok, ids, 8, cache=cache, prompt_lookup=3)]
+    assert cache[0].offset in (len(ids) + 7, len(ids) + 8)  # the last token may wait for the next block
+    assert all(c.offset == cache[0].offset for c in cache)
+    assert out == [r.token for r in stream_generate(model32k, tok, ids, 8)]
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(prompt_lookup=-1), "--prompt-lookup -1: expected >= 0"),
+    (dict(prompt_lookup=3, ngram=0), "--ngram 0: expected >= 1"),
+    (dict(draft_model="other", num_draft_tokens=0), "--num-draft-tokens 0: expected >= 1"),
+    (dict(prompt_lookup=3, draft_model="other"), "choose one"),
+    (dict(draft_model="other"), "its vocabulary has 512 tokens, the model's 32000"),
+])
+def test_bad_options_name_the_flag(model32k, models, tok, kw, message):
+    kw = {**kw, "draft_model": models["tied"]} if "draft_model" in kw else kw
+    with pytest.raises(ElmError, match=message):
+        list(stream_generate(model32k, tok, TEXT, 4, **kw))
+
+
+def test_a_draft_with_another_tokenizer_is_refused(model32k, tok, tmp_path):
+    from elm_mlx.speculative import check_draft
+
+    class Other:
+        path = tmp_path / "tokenizer.model"
+
+        def pieces(self):
+            return tok.pieces()[::-1]
+
+    with pytest.raises(ElmError, match="its tokenizer .* differs from the model's"):
+        check_draft(model32k, model32k, tok, Other())
+    check_draft(model32k, model32k, tok, tok)
