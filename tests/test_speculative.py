@@ -46,10 +46,13 @@ def prompt(length, seed, vocab=512, period=None):
     return [1] + (block * (length // period + 1))[: length - 1]
 
 
-CASES = [  # (prompt length, repeat period, tokens to generate)
-    (6, None, 40),
-    (40, 7, 40),
-    (250, 31, 24),  # the KV cache grows at 256 positions: blocks straddle it
+CASES = [  # (prompt, tokens to generate)
+    (prompt(6, seed=1), 40),
+    (prompt(40, seed=2, period=7), 40),
+    (prompt(250, seed=3, period=31), 24),  # the KV cache grows at 256 positions: blocks straddle it
+    # Every id once, each followed by 5: a lookup always finds the last token and
+    # guesses 5 next, which the model seldom says: rejections.
+    ([1] + [t for i in range(6, 512) for t in (i, 5)], 12),
 ]
 
 
@@ -58,12 +61,13 @@ CASES = [  # (prompt length, repeat period, tokens to generate)
 def test_prompt_lookup_greedy_is_plain_greedy(models, arch, penalty):
     model = models[arch]
     stats = SpecStats()
-    for (length, period, n), (num, ngram) in itertools.product(CASES, [(1, 1), (3, 2), (10, 3)]):
-        ids = prompt(length, seed=length + num, period=period)
+    combos = [(1, 1), (3, 2), (10, 3), (4, 1)]  # (N, K), rotated so that each architecture meets each
+    shift = ARCHS.index(arch)
+    for (ids, n), (num, ngram) in zip(CASES, combos[shift:] + combos[:shift]):
         plain = take(generate_tokens(model, ids, repetition_penalty=penalty), n)
         spec = take(speculative_tokens(model, ids, PromptLookup(num, ngram), repetition_penalty=penalty,
                                        stats=stats), n)
-        assert spec == plain, (length, num, ngram)
+        assert spec == plain, (len(ids), num, ngram)
     # Both outcomes of verification happened, so both were checked.
     assert 0 < stats.accepted < stats.proposed
 
@@ -73,14 +77,15 @@ def test_prompt_lookup_greedy_is_plain_greedy(models, arch, penalty):
 def test_draft_model_greedy_is_plain_greedy(models, arch, penalty):
     model = models[arch]
     cfg = TINY[arch]
-    drafts = [perturbed(cfg, ARCHS.index(arch), 0.3), models[ARCHS[(ARCHS.index(arch) + 1) % 4]]]
+    close, other = perturbed(cfg, ARCHS.index(arch), 0.15), models[ARCHS[(ARCHS.index(arch) + 1) % 4]]
     stats = SpecStats()
-    for (length, period, n), draft, num in itertools.product(CASES, drafts, [1, 4]):
-        ids = prompt(length, seed=length + num, period=period)
+    combos = [(close, 4), (other, 1), (close, 1), (other, 4)]  # any 3 in a row hold a close draft
+    shift = ARCHS.index(arch)
+    for (ids, n), (draft, num) in zip(CASES[:3], combos[shift:] + combos[:shift]):
         plain = take(generate_tokens(model, ids, repetition_penalty=penalty), n)
         spec = take(speculative_tokens(model, ids, DraftModel(draft, num, penalize=penalty != 1.0),
                                        repetition_penalty=penalty, stats=stats), n)
-        assert spec == plain, (length, num)
+        assert spec == plain, (len(ids), num)
     assert 0 < stats.accepted < stats.proposed
 
 
@@ -175,3 +180,76 @@ def test_a_draft_with_another_tokenizer_is_refused(model32k, tok, tmp_path):
     with pytest.raises(ElmError, match="its tokenizer .* differs from the model's"):
         check_draft(model32k, model32k, tok, Other())
     check_draft(model32k, model32k, tok, tok)
+
+
+# ---------------------------------------------------------------- sampling keeps the target's distribution
+
+# Four tokens, so that the joint law of 4 generated tokens has 4^4 = 256 outcomes
+# and is computed exactly from the model (the oracle), with no sampling noise.
+VOCAB4 = hf_config(layers=1, model_dim=32, head_dim=16, num_query_heads=[4], num_kv_heads=[2],
+                   ffn_multipliers=[2.0], vocab_size=4, ffn_dim_divisor=16)
+PROMPT4 = [1, 2, 3, 0, 2, 3, 0, 2]
+STEPS, RUNS = 4, 1500
+
+
+def exact_law(model, ids, steps, temp, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+    """P(x1..x_steps | ids) under plain sampling (the penalty, then the filters, as
+    sample.py), computed for all 4^steps sequences: one batched forward per depth."""
+    from elm_mlx.sample import apply_repetition_penalty, filter_logits
+
+    law = np.ones(1)
+    prefixes = np.zeros((1, 0), dtype=np.int32)
+    for _ in range(steps):
+        seqs = np.concatenate([np.tile(ids, (len(prefixes), 1)), prefixes], axis=1)
+        logits = model(mx.array(seqs))[:, -1, :]
+        seen = mx.array(np.stack([np.isin(np.arange(4), s) for s in seqs]))
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        p = np.array(mx.softmax(filter_logits(logits, temp, top_k, top_p, min_p), axis=-1), dtype=np.float64)
+        law = (law[:, None] * p).reshape(-1)
+        prefixes = np.concatenate([np.repeat(prefixes, 4, axis=0), np.tile(np.arange(4), len(prefixes))[:, None]],
+                                  axis=1).astype(np.int32)
+    return law  # index: x1 x2 x3 x4 as base-4 digits, as `prefixes` enumerates them
+
+
+def chi_square_critical(df: int, z: float) -> float:
+    """Wilson-Hilferty: the chi-square quantile at the normal quantile z."""
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+@pytest.mark.parametrize("method,sampling", [
+    ("plain", dict(temp=1.0)),  # checks the oracle itself
+    ("lookup", dict(temp=0.8, top_k=3, repetition_penalty=1.3)),
+    ("draft", dict(temp=1.0)),
+    ("draft", dict(temp=0.7, top_p=0.9, min_p=0.05, repetition_penalty=1.3)),
+])
+def test_speculative_sampling_keeps_the_distribution(method, sampling):
+    """Chi-square goodness of fit of RUNS seeded 4-token samples against the exact
+    law, cells with expected count < 5 pooled. The bound is the chi-square
+    quantile at 1 - 1e-4 (z = 3.719): a correct sampler fails it with probability
+    about 1e-4 per case. Sequences the law gives probability 0 must never occur."""
+    model = build(VOCAB4, random_weights(VOCAB4, seed=11))
+    draft = perturbed(VOCAB4, 11, 0.6)
+    law = exact_law(model, PROMPT4, STEPS, **sampling)
+    mx.random.seed(1234)
+    counts = np.zeros(len(law))
+    stats = SpecStats()
+    for _ in range(RUNS):
+        if method == "plain":
+            gen = generate_tokens(model, PROMPT4, **sampling)
+        else:
+            proposer = PromptLookup(3, 2) if method == "lookup" else DraftModel(
+                draft, 3, penalize=sampling.get("repetition_penalty", 1.0) != 1.0)
+            gen = speculative_tokens(model, PROMPT4, proposer, stats=stats, **sampling)
+        x = take(gen, STEPS)
+        counts[int("".join(map(str, x)), 4)] += 1
+    assert counts[law == 0].sum() == 0
+    expected = law * RUNS
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    chi2 = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
+    df = keep.sum() - 1
+    assert chi2 < chi_square_critical(df, 3.719), (chi2, df)
+    if method != "plain":  # the rule was exercised both ways
+        assert 0 < stats.accepted < stats.proposed
