@@ -21,3 +21,13 @@ def check_max_tokens(max_tokens, minimum: int = 0) -> int:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < minimum:
         raise ArgumentError("max_tokens", max_tokens, f"an integer >= {minimum}")
     return max_tokens
+
+
+def need_extra(module: str, extra: str, what: str):
+    """Import an optional dependency, or say which extra brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ElmError(f"{what} needs {module}: pip install \"elm-mlx[{extra}]\"") from None

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import DTYPE_NAMES, parse_dtype
+from .checkpoint import dtype_name, parse_dtype
 from .config import PRESETS, nearest_preset, preset_name
 from .errors import ElmError
 
@@ -74,7 +74,7 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
             raise ElmError(f"--model {name}: a model is a folder (config.json + safetensors), not a file")
         return path
     # Parsed before a download of gigabytes; one cache entry per dtype, whatever its spelling.
-    dtype = DTYPE_NAMES[parse_dtype(dtype or "bf16")]
+    dtype = dtype_name(parse_dtype(dtype or "bf16"))
     snapshot, repo = locate(name)
     target = cache_root() / repo.replace("/", "--") / f"{snapshot.name[:12]}-{dtype}"
     if not target.exists():
