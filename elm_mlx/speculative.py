@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import make_cache
-from .errors import ElmError
+from .errors import ArgumentError, ElmError
 from .sample import apply_repetition_penalty, filter_logits
 
 DEFAULT_NGRAM = 2  # transformers' prompt lookup default (max_matching_ngram_size)
@@ -60,16 +60,16 @@ class SpecStats:
 
 def check_options(prompt_lookup: int = 0, ngram: int = DEFAULT_NGRAM, draft_model=None,
                   num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, target=None):
-    """Raises ElmError naming the flag at fault."""
-    for ok, flag, value, want in [
-        (prompt_lookup >= 0, "--prompt-lookup", prompt_lookup, ">= 0 (0 means off; Apple's model card uses 10)"),
-        (ngram >= 1, "--ngram", ngram, ">= 1"),
-        (num_draft_tokens >= 1, "--num-draft-tokens", num_draft_tokens, ">= 1"),
+    """Raises ArgumentError naming the argument at fault (the CLI says the flag)."""
+    for name, value, minimum, want in [
+        ("prompt_lookup", prompt_lookup, 0, "an integer >= 0 (0 means off; Apple's model card uses 10)"),
+        ("ngram", ngram, 1, "an integer >= 1"),
+        ("num_draft_tokens", num_draft_tokens, 1, "an integer >= 1"),
     ]:
-        if not ok:
-            raise ElmError(f"{flag} {value}: expected {want}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ArgumentError(name, value, want)
     if prompt_lookup and draft_model is not None:
-        raise ElmError("--prompt-lookup and --draft-model: choose one way to propose tokens")
+        raise ElmError("prompt lookup and a draft model: choose one way to propose tokens")
     if draft_model is not None and target is not None:
         check_draft(target, draft_model)
 

@@ -156,9 +156,9 @@ def test_a_cache_passed_in_is_continued(model32k, tok):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(prompt_lookup=-1), "--prompt-lookup -1: expected >= 0"),
-    (dict(prompt_lookup=3, ngram=0), "--ngram 0: expected >= 1"),
-    (dict(draft_model="other", num_draft_tokens=0), "--num-draft-tokens 0: expected >= 1"),
+    (dict(prompt_lookup=-1), "prompt_lookup=-1: expected an integer >= 0"),
+    (dict(prompt_lookup=3, ngram=0), "ngram=0: expected an integer >= 1"),
+    (dict(draft_model="other", num_draft_tokens=0), "num_draft_tokens=0: expected an integer >= 1"),
     (dict(prompt_lookup=3, draft_model="other"), "choose one"),
     (dict(draft_model="other"), "its vocabulary has 512 tokens, the model's 32000"),
 ])
