@@ -23,13 +23,14 @@ ROLES = ("system", "user", "assistant")
 
 class Chat:
     def __init__(self, model, tokenizer, template: ChatTemplate | None, system: str | None = None,
-                 max_tokens: int = 512, sampling: SamplingParams | None = None):
+                 max_tokens: int = 512, sampling: SamplingParams | None = None, speculation: dict | None = None):
         self.tokenizer = tokenizer
         self.template = template
         self.system = system
         self.messages: list[dict] = []  # user and assistant turns; the system prompt stays apart
         self.max_tokens = max_tokens
         self.sampling = sampling or SamplingParams()
+        self.speculation = speculation or {}  # stream_generate's prompt_lookup / draft_model keywords
         self.context = CachedContext(model)
         self.window = model.config.max_context_length
         self.dropped = 0  # turns dropped so far to fit the window
@@ -66,7 +67,8 @@ class Chat:
         the stream early keeps the partial reply: the history and the cache agree either way."""
         parts = []
         try:
-            for r in self.context.stream(self.tokenizer, self.prompt_ids(), self.max_tokens, sampling=self.sampling):
+            for r in self.context.stream(self.tokenizer, self.prompt_ids(), self.max_tokens, sampling=self.sampling,
+                                           **self.speculation):
                 parts.append(r.text)
                 self.last = r
                 yield r
@@ -101,7 +103,10 @@ class Chat:
             r = self.last
             lines.append(f"last reply: {r.prompt_tokens} prompt tokens read ({self.context.reused} reused from the "
                          f"cache), {r.prompt_tps:.1f} tok/s | {r.generation_tokens} tokens, "
-                         f"{r.generation_tps:.1f} tok/s | peak memory {r.peak_memory_gb:.2f} GB")
+                         f"{r.generation_tps:.1f} tok/s | peak memory {r.peak_memory_gb:.2f} GB"
+                         + ("" if r.acceptance_rate is None else
+                            f" | {100 * r.acceptance_rate:.0f}% of guesses accepted, "
+                            f"{r.tokens_per_forward:.2f} tokens per forward"))
         return "\n".join(lines)
 
 

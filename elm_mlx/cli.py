@@ -50,6 +50,19 @@ RepetitionPenaltyOpt = Annotated[float, typer.Option(
     help="Penalize every token already in the context (transformers' semantics); Apple suggests 1.2 for "
     "OpenELM. 1 is off.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+PromptLookupOpt = Annotated[int, typer.Option(
+    "--prompt-lookup", min=0, help="Prompt-lookup decoding: guess up to N tokens by finding the last --ngram tokens "
+    "earlier in the prompt or reply and copying what followed; the model checks all guesses in one pass and keeps "
+    "what it would have said (same output). Pays when the reply repeats the prompt (editing, quoting code). 0 is "
+    "off; Apple's model card uses 10.")]
+NgramOpt = Annotated[int, typer.Option(
+    "--ngram", min=1, help="With --prompt-lookup: tokens matched (falling back to fewer when none match).")]
+DraftModelOpt = Annotated[Optional[str], typer.Option(
+    "--draft-model", help="Draft-model decoding: a smaller OpenELM (270M for 1.1B or 3B), or this model "
+    "quantized, guesses --num-draft-tokens tokens that the model checks in one pass (same output). Named as "
+    "--model; it must share the model's tokenizer.")]
+NumDraftTokensOpt = Annotated[int, typer.Option(
+    "--num-draft-tokens", min=1, help="With --draft-model: tokens the draft guesses per step.")]
 
 
 def user_errors(fn):
@@ -66,6 +79,15 @@ def user_errors(fn):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
     return run
+
+
+def speculation(target, tok, prompt_lookup, ngram, draft_model, num_draft_tokens, dtype=None, tokenizer=None) -> dict:
+    """stream_generate's speculative-decoding keywords from the flags (the draft loaded and checked)."""
+    from .speculative import check_options, load_draft
+
+    check_options(prompt_lookup, ngram, draft_model, num_draft_tokens)
+    draft = None if draft_model is None else load_draft(draft_model, target, tok, dtype, tokenizer)
+    return dict(prompt_lookup=prompt_lookup, ngram=ngram, draft_model=draft, num_draft_tokens=num_draft_tokens)
 
 
 def sampling_params(temp, top_k, top_p, min_p, repetition_penalty, seed=None):
@@ -104,6 +126,10 @@ def generate(
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
     no_chat_template: NoChatTemplateOpt = False,
+    prompt_lookup: PromptLookupOpt = 0,
+    ngram: NgramOpt = 2,
+    draft_model: DraftModelOpt = None,
+    num_draft_tokens: NumDraftTokensOpt = 3,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
     An -Instruct model gets the prompt as a user message in its chat template."""
@@ -114,13 +140,14 @@ def generate(
     if prompt == "-":
         prompt = sys.stdin.read()
     model_, tok = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
+    spec = speculation(model_, tok, prompt_lookup, ngram, draft_model, num_draft_tokens, dtype, tokenizer)
     if tok.chat_template is not None:
         typer.echo(f"(chat template {tok.chat_template.origin}; --no-chat-template sends the prompt as it is)",
                    err=True)
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     last = None
     try:
-        for last in stream_generate(model_, tok, prompt, max_tokens, sampling=sampling):
+        for last in stream_generate(model_, tok, prompt, max_tokens, sampling=sampling, **spec):
             sys.stdout.write(last.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -205,6 +232,10 @@ def chat(
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
     no_chat_template: NoChatTemplateOpt = False,
+    prompt_lookup: PromptLookupOpt = 0,
+    ngram: NgramOpt = 2,
+    draft_model: DraftModelOpt = None,
+    num_draft_tokens: NumDraftTokensOpt = 3,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
     2048-token context (oldest turns dropped, with a notice) and its KV cache reused.
@@ -214,9 +245,11 @@ def chat(
 
     sampling = sampling_params(temp, top_k, top_p, min_p, repetition_penalty, seed)
     model_, tok = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
+    spec = speculation(model_, tok, prompt_lookup, ngram, draft_model, num_draft_tokens, dtype, tokenizer)
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
-    repl(Chat(model_, tok, template, system, max_tokens, sampling), f"elm-mlx chat with {model} ({how}).")
+    repl(Chat(model_, tok, template, system, max_tokens, sampling, speculation=spec),
+         f"elm-mlx chat with {model} ({how}).")
 
 
 @app.command()
@@ -239,15 +272,23 @@ def serve(
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
     no_chat_template: NoChatTemplateOpt = False,
+    prompt_lookup: PromptLookupOpt = 0,
+    ngram: NgramOpt = 2,
+    draft_model: DraftModelOpt = None,
+    num_draft_tokens: NumDraftTokensOpt = 3,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
     /v1/completions, streamed or not; GET /v1/models, /health) with a chat page at /.
-    Requests are answered one at a time, in order; the others wait."""
+    Requests are answered one at a time, in order; the others wait. Speculative decoding
+    per request: the extensions prompt_lookup (N) and num_draft_tokens (with --draft-model)."""
     from .server import Defaults
     from .server import serve as run
+    from .speculative import check_options
 
-    defaults = Defaults(max_tokens, sampling_params(temp, top_k, top_p, min_p, repetition_penalty))
-    run(model, host, port, defaults, dtype, tokenizer, chat_template, no_chat_template)
+    check_options(prompt_lookup, ngram, draft_model, num_draft_tokens)
+    defaults = Defaults(max_tokens, sampling_params(temp, top_k, top_p, min_p, repetition_penalty),
+                        prompt_lookup, ngram, num_draft_tokens)
+    run(model, host, port, defaults, dtype, tokenizer, chat_template, no_chat_template, draft_model)
 
 
 @app.command()
@@ -258,10 +299,11 @@ def bench(
         "--random-weights", help="Build the model's exact architecture with random weights instead of loading "
         "any (speed does not depend on their values): offline, on any machine. --model is then a preset or a "
         "folder with config.json.")] = False,
-    method: Annotated[Literal["paper", "pp-tg"], typer.Option(
+    method: Annotated[Literal["paper", "pp-tg", "edit"], typer.Option(
         help="paper: the OpenELM paper's Apple-silicon method (BOS + a fixed 36-token English prompt, 1024 "
         "generated tokens, 1 run after a warm-up). pp-tg: llama-bench / mlx_lm.benchmark (a random prompt of "
-        "--prompt-tokens 512, 128 generated tokens, 5 runs, mean +- std).")] = "paper",
+        "--prompt-tokens 512, 128 generated tokens, 5 runs, mean +- std). edit: a 108-token request to rewrite a "
+        "passage with its typos fixed, 80 generated tokens, 3 runs: the workload --prompt-lookup is for.")] = "paper",
     dtype: DtypeOpt = None,
     quant: Annotated[Optional[Literal["q4", "q8", "q4-uniform", "q8-uniform"]], typer.Option(
         help="Quantize the weights first: q4 / q8 as `elm-mlx convert --quant` does (the recipe), or "
@@ -277,13 +319,20 @@ def bench(
         "and print the ratio per metric (needs `pip install \"elm-mlx[mlx-lm]\"`).")] = None,
     json_file: Annotated[Optional[str], typer.Option(
         "--json", help="Write the runs as a JSON list to FILE ('-': stdout, and the table goes to stderr).")] = None,
+    prompt_lookup: PromptLookupOpt = 0,
+    ngram: NgramOpt = 2,
+    draft_model: DraftModelOpt = None,
+    num_draft_tokens: NumDraftTokensOpt = 3,
 ):
-    """Measure prompt, generation and total tok/s, time to first token, peak memory and memory bandwidth achieved."""
+    """Measure prompt, generation and total tok/s, time to first token, peak memory and memory bandwidth achieved.
+    With --prompt-lookup or --draft-model, speculative decoding runs beside plain decoding (alternating) and
+    the table adds its acceptance and speed-up."""
     from .bench import run_bench
 
     run_bench(model, random_weights=random_weights, method=method, dtype=dtype, quant=quant, gen_tokens=gen_tokens,
               prompt_tokens=prompt_tokens, repeats=repeats, compare=compare, json_file=json_file,
-              say=lambda msg: typer.echo(msg, err=True))
+              say=lambda msg: typer.echo(msg, err=True), prompt_lookup=prompt_lookup, ngram=ngram,
+              draft_model=draft_model, num_draft_tokens=num_draft_tokens)
 
 
 @app.command()

@@ -87,6 +87,9 @@ class Defaults:
     """For requests that leave a parameter out: the command line's."""
     max_tokens: int
     sampling: SamplingParams
+    prompt_lookup: int = 0  # speculative decoding (elm_mlx/speculative.py), 0: off
+    ngram: int = 2
+    num_draft_tokens: int = 3  # used when the server has a --draft-model
 
 
 # The API's names for SamplingParams' fields (the others are the same, as extensions).
@@ -118,6 +121,22 @@ def read_sampling(body: dict, d: Defaults) -> tuple[int, SamplingParams, list[st
         raise ApiError(400, "Invalid value for 'stop': expected a non-empty string or an array of up to 4 of them.",
                        "stop", "invalid_value")
     return max_tokens, sampling, stop or []
+
+
+def read_speculation(body: dict, d: Defaults, has_draft: bool) -> dict:
+    """The extensions `prompt_lookup` (N guesses by prompt lookup; 0 turns it off) and
+    `num_draft_tokens` (guesses of the server's --draft-model) as stream_generate keywords;
+    a request asking for lookup uses it instead of the draft model."""
+    lookup = get(body, "prompt_lookup", "integer", d.prompt_lookup, lambda v: v >= 0, "an integer >= 0 (0 is off)")
+    drafts = get(body, "num_draft_tokens", "integer", None, lambda v: v >= 1, "an integer >= 1")
+    if drafts is not None and not has_draft:
+        raise ApiError(400, "Invalid value for 'num_draft_tokens': this server has no draft model (start it with "
+                       "--draft-model).", "num_draft_tokens", "invalid_value")
+    if lookup:
+        return dict(prompt_lookup=lookup, ngram=d.ngram)
+    if has_draft:
+        return dict(num_draft_tokens=drafts or d.num_draft_tokens, use_draft=True)
+    return {}
 
 
 def text_of(content, where: str) -> str:
@@ -202,6 +221,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    speculation: dict = field(default_factory=dict)  # from read_speculation
 
     def emit(self, kind: str, value=None):
         # From the worker thread into the request's event loop.
@@ -214,15 +234,17 @@ class Job:
 class Worker:
     """Owns the model on one thread and runs jobs one at a time, in arrival order."""
 
-    def __init__(self, load_model, tokenizer):
+    def __init__(self, load_model, tokenizer, load_draft=None):
         self.jobs: queue.Queue = queue.Queue()
+        self.draft = None
         self.tokenizer = tokenizer
         self.busy = False
         self.current: Job | None = None
         self.stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(load_model,), daemon=True, name="elm-mlx-worker")
+        self.thread = threading.Thread(target=self._run, args=(load_model, load_draft), daemon=True,
+                                       name="elm-mlx-worker")
         self.thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -236,10 +258,12 @@ class Worker:
             self.current.cancelled.set()
         self.jobs.put(None)
 
-    def _run(self, load_model):
+    def _run(self, load_model, load_draft):
         try:
             # Loaded here: MLX streams belong to the thread that uses them.
             self.context = CachedContext(load_model())
+            if load_draft is not None:
+                self.draft = load_draft(self.context.model)
             self.tokenizer.detokenizer()  # builds its table now, not in the first request
         except BaseException as e:  # reported by __init__, in the main thread
             self._error = e
@@ -265,9 +289,14 @@ class Worker:
                 self.busy, self.current = False, None
 
     def _generate(self, job: Job):
-        stop, n, finish = StopText(job.stop), 0, None
-        with closing(self.context.stream(self.tokenizer, job.ids, job.max_tokens, sampling=job.sampling)) as stream:
+        stop, n, finish, last = StopText(job.stop), 0, None, None
+        spec = dict(job.speculation)
+        if spec.pop("use_draft", False):
+            spec["draft_model"] = self.draft
+        with closing(self.context.stream(self.tokenizer, job.ids, job.max_tokens, sampling=job.sampling,
+                                         **spec)) as stream:
             for r in stream:
+                last = r
                 n += 1
                 text, hit = stop.add(r.text)
                 if r.finish_reason and not hit:
@@ -283,7 +312,10 @@ class Worker:
         if self.stopping:
             job.emit("error", "the server is shutting down")
         else:
-            job.emit("done", dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n))
+            done = dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n)
+            if last is not None and last.acceptance_rate is not None:
+                done.update(acceptance_rate=last.acceptance_rate, tokens_per_forward=last.tokens_per_forward)
+            job.emit("done", done)
         log.info("%s: %d prompt tokens (%d from the cache), %d generated, finish: %s",
                  job.name, len(job.ids), self.context.reused, n, finish)
 
@@ -299,8 +331,10 @@ def sse(obj) -> str:
 
 
 def usage(done: dict) -> dict:
+    """OpenAI's usage object; speculative decoding adds acceptance_rate and tokens_per_forward."""
     p, c = done["prompt_tokens"], done["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    extra = {k: done[k] for k in ("acceptance_rate", "tokens_per_forward") if k in done}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, **extra}
 
 
 async def api_error(_, e: ApiError):
@@ -373,6 +407,7 @@ class Api:
 
     async def run(self, request: Request, body: dict, ids: list[int], kind: str, param: str):
         max_tokens, sampling, stop = read_sampling(body, self.defaults)
+        speculation = read_speculation(body, self.defaults, self.worker.draft is not None)
         stream = get(body, "stream", "boolean", False)
         options = get(body, "stream_options", "object", {})
         include_usage = get(options, "include_usage", "boolean", False)
@@ -383,7 +418,8 @@ class Api:
                            f"{param} resulted in {len(ids)} tokens, and a reply needs at least one more.",
                            param, "context_length_exceeded") from None
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        job = Job(f"{OBJECTS[kind, False]} {rid}", ids, max_tokens, sampling, stop, asyncio.get_running_loop())
+        job = Job(f"{OBJECTS[kind, False]} {rid}", ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
+                  speculation=speculation)
         self.worker.jobs.put(job)
         head = {"id": rid, "object": OBJECTS[kind, stream], "created": int(time.time()), "model": self.model_id}
         if stream:
@@ -470,7 +506,7 @@ class StoppingServer(uvicorn.Server):
 
 
 def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
-          template_file=None, no_template=False):
+          template_file=None, no_template=False, draft_model: str | None = None):
     from .chat_template import choose_template
     from .hub import resolve
     from .load import load_model
@@ -480,7 +516,13 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     tokenizer = load_tokenizer(folder, tokenizer_file)
     template = choose_template(folder, name, template_file, no_template)
     sock = bind(host, port)
-    worker = Worker(lambda: load_model(folder, dtype), tokenizer)
+    load_draft = None
+    if draft_model is not None:
+        from .speculative import load_draft as load_checked
+
+        def load_draft(target):
+            return load_checked(draft_model, target, tokenizer, dtype, tokenizer_file)
+    worker = Worker(lambda: load_model(folder, dtype), tokenizer, load_draft)
     model = worker.context.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,

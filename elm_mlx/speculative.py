@@ -239,3 +239,13 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
             stats.tokens += 1
             history.append(t)
             yield t
+
+
+def load_draft(name: str, target, target_tokenizer, dtype=None, tokenizer_file=None):
+    """The draft model named by --draft-model (a folder, preset or hub id, as
+    --model), refused unless it shares the target's vocabulary and tokenizer."""
+    from .load import load
+
+    draft, draft_tokenizer = load(name, dtype=dtype, tokenizer=tokenizer_file)
+    check_draft(target, draft, target_tokenizer, draft_tokenizer)
+    return draft

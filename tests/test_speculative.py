@@ -2,6 +2,7 @@
 greedy token for token, sampling in distribution."""
 
 import itertools
+import re
 
 import mlx.core as mx
 import numpy as np
@@ -253,3 +254,50 @@ def test_speculative_sampling_keeps_the_distribution(method, sampling):
     assert chi2 < chi_square_critical(df, 3.719), (chi2, df)
     if method != "plain":  # the rule was exercised both ways
         assert 0 < stats.accepted < stats.proposed
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def folder32k(tmp_path_factory, llama_tokenizer):
+    import shutil
+
+    from checkpoints import make_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny32k")
+    make_hf_checkpoint(path, TINY_32K, seed=5)
+    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
+    return path
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup", "4", "--ngram", "1"], ["--draft-model", "SELF",
+                                                                           "--num-draft-tokens", "2"]])
+def test_generate_command_speculates_and_reports(folder32k, flags):
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    flags = [str(folder32k) if f == "SELF" else f for f in flags]
+    base = ["generate", "-M", str(folder32k), TEXT, "-m", "10", "--dtype", "fp32", "--repetition-penalty", "1.2"]
+    plain, spec = CliRunner().invoke(app, base), CliRunner().invoke(app, base + flags)
+    assert plain.exit_code == 0 and spec.exit_code == 0, spec.stderr
+    assert spec.stdout == plain.stdout
+    assert re.search(r"speculative: \d+% of guesses accepted, \d\.\d\d tokens per forward", spec.stderr)
+    assert "speculative" not in plain.stderr
+
+
+def test_generate_command_refuses_a_draft_with_another_vocabulary(folder32k, tmp_path, llama_tokenizer):
+    import shutil
+
+    from checkpoints import make_hf_checkpoint
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    make_hf_checkpoint(tmp_path / "small", TINY["tied"], seed=1)
+    shutil.copyfile(llama_tokenizer, tmp_path / "small" / "tokenizer.model")
+    r = CliRunner().invoke(app, ["generate", "-M", str(folder32k), "Hi", "-m", "3", "--draft-model",
+                                 str(tmp_path / "small")])
+    assert r.exit_code == 2
+    assert "error: --draft-model: its vocabulary has 512 tokens, the model's 32000" in r.stderr

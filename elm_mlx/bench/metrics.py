@@ -112,4 +112,21 @@ def table(runs: list) -> str:
         lines.append(f"{'ratio':<16}" + "".join(f"{r:>19.3f}x" for r in ratios))
         lines.append(f"(ratio = {ours} / mlx-lm, means: > 1 is faster for tok/s and GB/s, < 1 is better for "
                      "TTFT and memory)")
+    lines += speculative_lines(runs, stats)
     return "\n".join(lines)
+
+
+def speculative_lines(runs: list, stats: dict) -> list:
+    """Speculative engines: acceptance, tokens per forward and speed-up over plain decoding in the same run."""
+    lines = []
+    for engine in stats:
+        spec = [r for r in runs if r["engine"] == engine and "acceptance_rate" in r]
+        if not spec or "elm-mlx" not in stats:
+            continue
+        accept = mean_std([r["acceptance_rate"] for r in spec])[0]
+        per_forward = mean_std([r["tokens_per_forward"] for r in spec])[0]
+        speedup = stats[engine]["generation_tps"][0] / stats["elm-mlx"]["generation_tps"][0]
+        total = stats[engine]["total_tps"][0] / stats["elm-mlx"]["total_tps"][0]
+        lines.append(f"{engine}: {100 * accept:.0f}% of guesses accepted, {per_forward:.2f} tokens per forward of "
+                     f"the model; speed-up over plain decoding {speedup:.2f}x generation, {total:.2f}x total")
+    return lines

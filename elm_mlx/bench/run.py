@@ -24,7 +24,22 @@ PAPER_PROMPT = ("Squire Trelawney, Dr. Livesey, and the rest of these gentlemen 
 PAPER_PROMPT_IDS = [1, 317, 1548, 6479, 10653, 3801, 29892, 4942, 29889, 16238, 968, 29891, 29892, 322, 278, 1791,
                     310, 1438, 26703, 2534, 4433, 592, 304, 2436, 1623, 278, 3353, 3153, 29879, 1048, 6479, 3745,
                     7935, 29892, 515, 278]
-METHODS = {"paper": dict(gen_tokens=1024, repeats=1), "pp-tg": dict(gen_tokens=128, prompt_tokens=512, repeats=5)}
+# An editing request whose answer repeats the prompt (what prompt lookup is for):
+# the opening of Genesis, public domain, with two misspellings to fix.
+EDIT_PROMPT = ("Fix the spelling mistakes in this passage and write it out again in full.\n\n"
+               "In the begining God created the heaven and the earth. And the earth was without form, and void; and "
+               "darknes was upon the face of the deep. And the Spirit of God moved upon the face of the waters. And "
+               "God said, Let there be light: and there was light. And God saw the light, that it was good: and God "
+               "divided the light from the darkness.\n\nThe passage without mistakes:\n\n")
+EDIT_PROMPT_IDS = [1, 24778, 278, 805, 7807, 28947, 297, 445, 13382, 322, 2436, 372, 714, 1449, 297, 2989, 29889, 13,
+                   13, 797, 278, 1812, 2827, 4177, 2825, 278, 18356, 322, 278, 8437, 29889, 1126, 278, 8437, 471, 1728,
+                   883, 29892, 322, 1780, 29936, 322, 6501, 4515, 471, 2501, 278, 3700, 310, 278, 6483, 29889, 1126,
+                   278, 20799, 310, 4177, 6153, 2501, 278, 3700, 310, 278, 19922, 29889, 1126, 4177, 1497, 29892, 2803,
+                   727, 367, 3578, 29901, 322, 727, 471, 3578, 29889, 1126, 4177, 4446, 278, 3578, 29892, 393, 372, 471,
+                   1781, 29901, 322, 4177, 13931, 278, 3578, 515, 278, 23490, 29889, 13, 13, 1576, 13382, 1728, 28947,
+                   29901, 13, 13]
+METHODS = {"paper": dict(gen_tokens=1024, repeats=1), "pp-tg": dict(gen_tokens=128, prompt_tokens=512, repeats=5),
+           "edit": dict(gen_tokens=80, repeats=3)}
 WARMUP_TOKENS = 4  # covers the prefill and the decode step; the KV cache grows alike in both engines
 
 
@@ -82,10 +97,29 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
 @dataclass
 class Engine:
     """A name and a function from prompt ids to an endless iterator of greedy
-    token ids (EOS ignored), each id already evaluated."""
+    token ids (EOS ignored), each id already evaluated. A speculative engine
+    also has the counters of its last run."""
     name: str
     model: object
     tokens: Callable[[list], Iterator[int]]
+    stats: object = None  # speculative.SpecStats of the last run
+
+
+def speculative_engine(model, gen_tokens: int, prompt_lookup=0, ngram=2, draft_model=None,
+                       num_draft_tokens=3) -> Engine:
+    """Greedy speculative decoding (prompt lookup or a draft model) on the same model."""
+    from ..speculative import SpecStats, make_proposer, speculative_tokens
+
+    name = f"lookup {prompt_lookup}" if prompt_lookup else f"draft {num_draft_tokens}"
+    engine = Engine(name, model, None)
+
+    def tokens(ids):
+        engine.stats = SpecStats()
+        proposer = make_proposer(model, prompt_lookup, ngram, draft_model, num_draft_tokens)
+        return speculative_tokens(model, ids, proposer, max_tokens=gen_tokens, stats=engine.stats)
+
+    engine.tokens = tokens
+    return engine
 
 
 def elm_engine(model, name="elm-mlx") -> Engine:
@@ -170,6 +204,10 @@ def prompt_ids(method: str, prompt_tokens: int | None, vocab_size: int) -> list:
             raise ElmError(f"the paper method's prompt needs the Llama-2 vocabulary (32000 tokens); this model has "
                            f"{vocab_size}: use --method pp-tg")
         return list(PAPER_PROMPT_IDS)
+    if method == "edit":
+        if prompt_tokens is not None:
+            raise ElmError("--prompt-tokens: the edit method's prompt is fixed (108 tokens)")
+        return list(EDIT_PROMPT_IDS)
     # mlx_lm.benchmark's prompt: uniform random ids, seed 0.
     return mx.random.randint(0, vocab_size, (prompt_tokens,), key=mx.random.key(0)).tolist()
 
@@ -193,13 +231,16 @@ def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict,
             stamps = time_run(e.tokens(ids), gen_tokens, clock)
             m = run_metrics(stamps, len(ids), gen_tokens, info["load_s"])
             m.update(bandwidth(weights, kv, len(ids), gen_tokens, m["generation_tps"], info["machine_bandwidth_gbps"]))
+            if e.stats is not None:
+                m.update(acceptance_rate=e.stats.acceptance_rate, tokens_per_forward=e.stats.tokens_per_forward)
             runs.append({**info, "engine": e.name, "repeat": r, "prompt_tokens": len(ids),
                          "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9})
     return runs
 
 
 def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, quant=None, gen_tokens=None,
-              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print) -> list:
+              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print, prompt_lookup=0, ngram=2,
+              draft_model=None, num_draft_tokens=3) -> list:
     """`elm-mlx bench`: load (or build) the model, time the engines, print the
     table (stderr when the JSON goes to stdout) and write the JSON runs."""
     import json
@@ -224,6 +265,16 @@ def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, q
     info = {"model": model, "dtype": dtype_label(model_.dtype), "quant": quant_label(model_), "method": method,
             "load_s": load_s, **environment()}
     engines = [elm_engine(model_)] + ([mlx_lm_engine(model_)] if compare else [])
+    if prompt_lookup or draft_model is not None:
+        from ..speculative import check_options
+
+        check_options(prompt_lookup, ngram, draft_model, num_draft_tokens)
+        draft = None
+        if draft_model is not None:
+            say(f"loading the draft model {draft_model} ...")
+            draft, _ = load_bench_model(draft_model, dtype, False, None)
+            info["draft_model"] = draft_model
+        engines.append(speculative_engine(model_, gen_tokens, prompt_lookup, ngram, draft, num_draft_tokens))
     runs = measure(engines, ids, gen_tokens, repeats, info, progress=say)
     print(table(runs), file=sys.stderr if json_file == "-" else sys.stdout)
     if json_file:
