@@ -35,6 +35,28 @@ class Chat:
         self.window = model.config.max_context_length
         self.dropped = 0  # turns dropped so far to fit the window
         self.last = None  # the last reply's final GenerationResponse
+        self.cache_file = None  # --prompt-cache: (path, identity) the conversation and its KV cache are kept in
+
+    def keep_in(self, path: Path, model_name: str, dtype=None, tokenizer_file=None) -> str:
+        """Keep the conversation and its KV cache in `path` after every reply, and resume
+        what it holds now. Returns a line saying which."""
+        from . import prompt_cache
+
+        context, ident, extra = prompt_cache.open_cache(path, model_name, dtype, tokenizer_file,
+                                                        self.context.model, self.tokenizer)
+        self.context, self.cache_file = context, (Path(path), ident)
+        if not extra.get("messages"):
+            return f"(the conversation will be kept in {path})"
+        self.load_messages(extra["messages"], str(path))
+        return (f"(resumed {len(self.messages)} messages from {path}, {len(context.ids)} tokens already read; "
+                "/reset starts afresh)")
+
+    def persist(self):
+        if self.cache_file is not None:
+            from . import prompt_cache
+
+            path, ident = self.cache_file
+            prompt_cache.save(path, self.context, ident, {"messages": self.conversation()})
 
     def conversation(self) -> list[dict]:
         return self.head() + self.messages
@@ -77,6 +99,7 @@ class Chat:
                 self.messages.append({"role": "assistant", "content": "".join(parts)})
             else:  # failed before a first token: the turn never happened
                 self.messages.pop()
+            self.persist()
 
     def reset(self):
         self.messages, self.dropped = [], 0
@@ -89,7 +112,10 @@ class Chat:
             messages = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ElmError(f"{path}: cannot read a conversation ({e})") from None
-        check_messages(messages, str(path))
+        self.load_messages(messages, str(path))
+
+    def load_messages(self, messages, where: str):
+        check_messages(messages, where)
         self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         self.messages = [dict(m) for m in messages if m["role"] != "system"]
         self.dropped = 0

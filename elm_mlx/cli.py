@@ -61,6 +61,11 @@ DraftModelOpt = Annotated[Optional[str], typer.Option(
     "--draft-model", help="Draft-model decoding: a smaller OpenELM (270M for 1.1B or 3B), or this model "
     "quantized, guesses --num-draft-tokens tokens that the model checks in one pass (same output). Named as "
     "--model; it must share the model's tokenizer.")]
+PromptCacheOpt = Annotated[Optional[Path], typer.Option(
+    "--prompt-cache", help="A file that keeps the KV cache between runs (safetensors, written atomically): "
+    "generate saves the prompt and reply there and, next time, reads only what follows the longest prefix they "
+    "share; chat keeps its conversation there and resumes it. A file made with another model, dtype or "
+    "tokenizer is refused.")]
 NumDraftTokensOpt = Annotated[int, typer.Option(
     "--num-draft-tokens", min=1, help="With --draft-model: tokens the draft guesses per step.")]
 
@@ -130,6 +135,7 @@ def generate(
     ngram: NgramOpt = 2,
     draft_model: DraftModelOpt = None,
     num_draft_tokens: NumDraftTokensOpt = 3,
+    prompt_cache: PromptCacheOpt = None,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
     An -Instruct model gets the prompt as a user message in its chat template."""
@@ -145,14 +151,30 @@ def generate(
         typer.echo(f"(chat template {tok.chat_template.origin}; --no-chat-template sends the prompt as it is)",
                    err=True)
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+    context = None
+    if prompt_cache is not None:
+        from . import prompt_cache as files
+
+        context, ident, _ = files.open_cache(prompt_cache, model, dtype, tokenizer, model_, tok)
+        ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stream = context.stream(tok, ids, max_tokens, sampling=sampling, **spec)
+    else:
+        stream = stream_generate(model_, tok, prompt, max_tokens, sampling=sampling, **spec)
     last = None
     try:
-        for last in stream_generate(model_, tok, prompt, max_tokens, sampling=sampling, **spec):
+        for last in stream:
             sys.stdout.write(last.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
+    finally:
+        stream.close()
+        if context is not None:
+            files.save(prompt_cache, context, ident)
     sys.stdout.write("\n")
+    if context is not None:
+        typer.echo(f"(prompt cache {prompt_cache}: {context.reused} of {len(ids)} prompt tokens reused, "
+                   f"{len(context.ids)} tokens saved)", err=True)
     if last is not None:
         typer.echo(stats_line(last), err=True)
 
@@ -236,6 +258,7 @@ def chat(
     ngram: NgramOpt = 2,
     draft_model: DraftModelOpt = None,
     num_draft_tokens: NumDraftTokensOpt = 3,
+    prompt_cache: PromptCacheOpt = None,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
     2048-token context (oldest turns dropped, with a notice) and its KV cache reused.
@@ -248,8 +271,11 @@ def chat(
     spec = speculation(model_, tok, prompt_lookup, ngram, draft_model, num_draft_tokens, dtype, tokenizer)
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
-    repl(Chat(model_, tok, template, system, max_tokens, sampling, speculation=spec),
-         f"elm-mlx chat with {model} ({how}).")
+    chat_ = Chat(model_, tok, template, system, max_tokens, sampling, speculation=spec)
+    title = f"elm-mlx chat with {model} ({how})."
+    if prompt_cache is not None:
+        title += "\n" + chat_.keep_in(prompt_cache, model, dtype, tokenizer)
+    repl(chat_, title)
 
 
 @app.command()
