@@ -21,7 +21,8 @@ then follow the target's p exactly. For prompt lookup q is a point mass on the
 guess: accept with probability p(x), on rejection draw from p without x.
 
 The generators keep `generate_tokens`' contract (yield ids one at a time, the
-caller stops) except that the cache may end one token short of what was
+caller stops; when it closes the generator the cache holds nothing past what
+was yielded) except that the cache may end one token short of what was
 yielded (the last token is read by the next block's forward);
 `context.CachedContext` already trims to what both hold.
 """
@@ -235,10 +236,15 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
         stats.target_forwards += 1
         stats.proposed += k
         stats.accepted += a
-        for t in kept + [y]:
+        for i, t in enumerate(kept + [y]):
             stats.tokens += 1
             history.append(t)
-            yield t
+            try:
+                yield t
+            except GeneratorExit:  # stopped inside the block (EOS, max_tokens): the cache ends with what was taken
+                for c in cache:
+                    c.trim(max(0, a - i - 1))
+                raise
 
 
 def load_draft(name: str, target, target_tokenizer, dtype=None, tokenizer_file=None):

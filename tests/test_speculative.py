@@ -147,6 +147,15 @@ def test_cached_context_resumes_after_speculation(model32k, tok):
     assert second == [r.token for r in stream_generate(model32k, tok, follow, 6)]
 
 
+def test_a_stop_inside_a_block_leaves_nothing_after_it_in_the_cache(models):
+    model = models["tied"]
+    ids = prompt(20, seed=5)
+    for taken in range(1, 12):
+        cache = make_cache(model)
+        take(speculative_tokens(model, ids, DraftModel(model, 4), cache=cache), taken)
+        assert cache[0].offset in (len(ids) + taken - 1, len(ids) + taken), taken
+
+
 def test_a_cache_passed_in_is_continued(model32k, tok):
     cache = make_cache(model32k)
     ids = tok.encode(TEXT)
