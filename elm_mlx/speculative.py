@@ -255,3 +255,24 @@ def load_draft(name: str, target, target_tokenizer, dtype=None, tokenizer_file=N
     draft, draft_tokenizer = load(name, dtype=dtype, tokenizer=tokenizer_file)
     check_draft(target, draft, target_tokenizer, draft_tokenizer)
     return draft
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """What the speculative-decoding flags say (the draft model still a name),
+    validated once; `generate_kwargs` loads the draft for stream_generate."""
+    prompt_lookup: int = 0
+    ngram: int = DEFAULT_NGRAM
+    draft_model: str | None = None
+    num_draft_tokens: int = DEFAULT_DRAFT_TOKENS
+
+    def __post_init__(self):
+        check_options(self.prompt_lookup, self.ngram, self.draft_model, self.num_draft_tokens)
+
+    def generate_kwargs(self, target, target_tokenizer, dtype=None, tokenizer_file=None) -> dict:
+        """stream_generate's keywords, the draft loaded and checked against the target."""
+        draft = None
+        if self.draft_model is not None:
+            draft = load_draft(self.draft_model, target, target_tokenizer, dtype, tokenizer_file)
+        return dict(prompt_lookup=self.prompt_lookup, ngram=self.ngram, draft_model=draft,
+                    num_draft_tokens=self.num_draft_tokens)

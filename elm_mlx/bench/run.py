@@ -239,8 +239,7 @@ def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict,
 
 
 def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, quant=None, gen_tokens=None,
-              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print, prompt_lookup=0, ngram=2,
-              draft_model=None, num_draft_tokens=3) -> list:
+              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print, speculation=None) -> list:
     """`elm-mlx bench`: load (or build) the model, time the engines, print the
     table (stderr when the JSON goes to stdout) and write the JSON runs."""
     import json
@@ -265,16 +264,14 @@ def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, q
     info = {"model": model, "dtype": dtype_label(model_.dtype), "quant": quant_label(model_), "method": method,
             "load_s": load_s, **environment()}
     engines = [elm_engine(model_)] + ([mlx_lm_engine(model_)] if compare else [])
-    if prompt_lookup or draft_model is not None:
-        from ..speculative import check_options
-
-        check_options(prompt_lookup, ngram, draft_model, num_draft_tokens)
+    if speculation is not None and (speculation.prompt_lookup or speculation.draft_model is not None):
         draft = None
-        if draft_model is not None:
-            say(f"loading the draft model {draft_model} ...")
-            draft, _ = load_bench_model(draft_model, dtype, False, None)
-            info["draft_model"] = draft_model
-        engines.append(speculative_engine(model_, gen_tokens, prompt_lookup, ngram, draft, num_draft_tokens))
+        if speculation.draft_model is not None:
+            say(f"loading the draft model {speculation.draft_model} ...")
+            draft, _ = load_bench_model(speculation.draft_model, dtype, False, None)
+            info["draft_model"] = speculation.draft_model
+        engines.append(speculative_engine(model_, gen_tokens, speculation.prompt_lookup, speculation.ngram, draft,
+                                          speculation.num_draft_tokens))
     runs = measure(engines, ids, gen_tokens, repeats, info, progress=say)
     print(table(runs), file=sys.stderr if json_file == "-" else sys.stdout)
     if json_file:
