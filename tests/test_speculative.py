@@ -310,3 +310,27 @@ def test_generate_command_refuses_a_draft_with_another_vocabulary(folder32k, tmp
                                  str(tmp_path / "small")])
     assert r.exit_code == 2
     assert "error: --draft-model: its vocabulary has 512 tokens, the model's 32000" in r.stderr
+
+
+@pytest.mark.parametrize("flags", [["--prompt-lookup", "4"], ["--draft-model", "SELF", "--num-draft-tokens", "2"]])
+def test_bench_times_speculation_beside_plain_decoding(folder32k, tmp_path, flags):
+    import json
+
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    flags = [str(folder32k) if f == "SELF" else f for f in flags]
+    out = tmp_path / "runs.json"
+    r = CliRunner().invoke(app, ["bench", "-M", str(folder32k), "--dtype", "fp32", "--method", "edit", "-g", "9",
+                                 "-n", "2", "--json", str(out), *flags])
+    assert r.exit_code == 0, r.stderr
+    runs = json.loads(out.read_text())
+    name = "lookup 4" if "--prompt-lookup" in flags else "draft 2"
+    assert [x["engine"] for x in runs] == ["elm-mlx", name, name, "elm-mlx"]
+    assert all(x["prompt_tokens"] == 108 for x in runs)
+    spec = [x for x in runs if x["engine"] == name]
+    assert all(0 <= x["acceptance_rate"] <= 1 and 1 <= x["tokens_per_forward"] <= 5 for x in spec)
+    assert "acceptance_rate" not in runs[0]
+    assert re.search(rf"{name}: \d+% of guesses accepted, \d\.\d\d tokens per forward of the model; speed-up over "
+                     r"plain decoding \d+\.\d\dx generation", r.stdout)
