@@ -17,7 +17,7 @@ from elm_mlx.generate import generate_tokens
 from elm_mlx.speculative import DraftModel, PromptLookup, SpecStats, speculative_tokens
 from elm_mlx.tokenizer import Tokenizer
 
-ARCHS = ["tied", "untied", "no_qk_norm", "odd_layers"]
+ARCHS = ["tied", "untied", "no_qk_norm", "odd_layers", "head_dim_128"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_prompt_lookup_greedy_is_plain_greedy(models, arch, penalty):
 def test_draft_model_greedy_is_plain_greedy(models, arch, penalty):
     model = models[arch]
     cfg = TINY[arch]
-    close, other = perturbed(cfg, ARCHS.index(arch), 0.15), models[ARCHS[(ARCHS.index(arch) + 1) % 4]]
+    close, other = perturbed(cfg, ARCHS.index(arch), 0.15), models[ARCHS[(ARCHS.index(arch) + 1) % len(ARCHS)]]
     stats = SpecStats()
     combos = [(close, 4), (other, 1), (close, 1), (other, 4)]  # any 3 in a row hold a close draft
     shift = ARCHS.index(arch)
@@ -334,3 +334,40 @@ def test_bench_times_speculation_beside_plain_decoding(folder32k, tmp_path, flag
     assert "acceptance_rate" not in runs[0]
     assert re.search(rf"{name}: \d+% of guesses accepted, \d\.\d\d tokens per forward of the model; speed-up over "
                      r"plain decoding \d+\.\d\dx generation", r.stdout)
+
+
+def test_chat_replies_are_the_same_with_speculation(folder32k):
+    import io
+
+    from elm_mlx import load
+    from elm_mlx.chat import Chat, say
+    from elm_mlx.sample import SamplingParams
+
+    model, tok = load(folder32k, dtype="fp32")
+    replies = []
+    for spec in [{}, dict(prompt_lookup=3), dict(draft_model=model, num_draft_tokens=2)]:
+        chat, out = Chat(model, tok, None, None, 8, SamplingParams(repetition_penalty=1.2), speculation=spec), []
+        for text in [TEXT, "The dog sat on the"]:
+            buf = io.StringIO()
+            say(chat, text, buf)
+            out.append(buf.getvalue())
+        replies.append(out)
+        assert (chat.last.acceptance_rate is None) == (not spec)
+    assert replies[0] == replies[1] == replies[2]
+
+
+def test_server_drafts_per_request(folder32k, tmp_path):
+    from serving import request, running_server
+
+    with running_server(folder32k, tmp_path / "serve.log", "--dtype", "fp32", "--draft-model", str(folder32k),
+                        "--num-draft-tokens", "2") as url:
+        body = {"prompt": TEXT, "max_tokens": 10, "temperature": 0, "repetition_penalty": 1.0}
+        _, default = request(url, "POST", "/v1/completions", body)
+        _, more = request(url, "POST", "/v1/completions", body | {"num_draft_tokens": 4})
+        _, lookup = request(url, "POST", "/v1/completions", body | {"prompt_lookup": 3})
+    model, tok = __import__("elm_mlx").load(folder32k, dtype="fp32")
+    text = "".join(r.text for r in stream_generate(model, tok, TEXT, 10))
+    assert default["choices"][0]["text"] == more["choices"][0]["text"] == lookup["choices"][0]["text"] == text
+    # The model drafting for itself is always right: 2 or 4 guesses kept per forward.
+    assert default["usage"]["acceptance_rate"] == more["usage"]["acceptance_rate"] == 1.0
+    assert default["usage"]["tokens_per_forward"] < more["usage"]["tokens_per_forward"]
