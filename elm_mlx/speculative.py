@@ -220,6 +220,8 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
                 q_guess = mx.take_along_axis(q, guesses[:, None], axis=-1)[:, 0]
                 agree = u * q_guess < p_guess
                 residual = mx.maximum(p[:k] - q, 0.0)
+                # p == q up to rounding (a draft that is the model) can leave nothing: then p itself.
+                residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, p[:k])
             # One draw per position, each from what the rule says a stop there draws from;
             # only the one at the first rejection (or after the last guess) is used.
             pick = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
