@@ -1,13 +1,20 @@
-"""The `elm-mlx` command."""
+"""The `elm-mlx` command.
 
+Every command runs under `user_errors`: an ElmError (a problem the user can fix) is
+one line and exit 2, an OSError one line naming the file, Ctrl-C exit 130 without a
+traceback, anything else one line that says it is a bug. `--debug` (or
+ELM_MLX_DEBUG=1) shows the traceback behind any of them."""
+
+import os
 import sys
+import traceback
 from functools import wraps
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import ElmError
+from .errors import ElmError, quoted
 
 app = typer.Typer(
     help="Run Apple's OpenELM language models on MLX.",
@@ -29,16 +36,68 @@ TEMPLATE_HELP = ("A Jinja chat template (transformers' chat_template.jinja forma
 NO_TEMPLATE_HELP = "Use no chat template: the text goes to the model as typed (base models never have one)."
 
 
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def debugging() -> bool:
+    return os.environ.get("ELM_MLX_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int):
+    """One line on stderr (plus the traceback under --debug) and the exit code."""
+    if debugging():
+        traceback.print_exc()
+    if message:
+        typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
 def user_errors(fn):
-    """Print ElmError as one line and exit 2, instead of a traceback."""
+    """Print ElmError as one line and exit 2, Ctrl-C as exit 130, instead of a traceback."""
     @wraps(fn)
     def run(*args, **kwargs):
+        import click
+
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+            raise
         except ElmError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            fail(f"error: {e}", EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            fail("\ninterrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:  # `elm-mlx generate ... | head`: the reader left; nothing to say
+            sys.stdout = open(os.devnull, "w")  # so the exit flush does not fail again
+            fail("", EXIT_BUG)
+        except OSError as e:
+            from .files import describe_os_error
+
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"error: {where}{describe_os_error(e)}", EXIT_USER_ERROR)
+        except MemoryError:
+            fail("error: out of memory; try a smaller model, --quant q4, or close other programs", EXIT_USER_ERROR)
+        except Exception as e:
+            fail(f"error: unexpected {type(e).__name__}: {quoted(str(e), 300)} (a bug in elm-mlx; rerun with "
+                 "--debug for the traceback and report it)", EXIT_BUG)
     return run
+
+
+@app.callback()
+def options(debug: bool = typer.Option(False, "--debug", help="Show the traceback behind an error "
+                                       "(also: ELM_MLX_DEBUG=1).")):
+    """Run Apple's OpenELM language models on MLX."""
+    if debug:
+        os.environ["ELM_MLX_DEBUG"] = "1"
+
+
+def read_stdin() -> str:
+    """Standard input as text, strictly UTF-8."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ElmError(f"standard input is not UTF-8 text (byte {quoted(data[e.start:e.start + 1])} at offset "
+                       f"{e.start}); convert it, e.g. with iconv -t UTF-8") from None
 
 
 @app.command()
@@ -64,27 +123,34 @@ def generate(
     An -Instruct model gets the prompt as a user message in its chat template."""
     from . import stream_generate
     from .chat_template import chat_ids
+    from .sample import check_sampling
 
+    check_sampling(temp, top_k, top_p, min_p, repetition_penalty, seed)  # before the slow part
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     model_, tok, template = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
     if template is not None:
         typer.echo(f"(chat template {template.origin}; --no-chat-template sends the prompt as it is)", err=True)
         prompt = chat_ids(tok, template, [{"role": "user", "content": prompt}])
-    last = None
+    last, interrupted = None, False
     try:
         for last in stream_generate(model_, tok, prompt, max_tokens, temp=temp, top_k=top_k, top_p=top_p,
                                     min_p=min_p, repetition_penalty=repetition_penalty, seed=seed):
             sys.stdout.write(last.text)
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # the text so far stays printed; the exit code says it was cut short
+        interrupted = True
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if interrupted:
+        typer.echo("(interrupted)", err=True)
     if last is not None:
         typer.echo(
             f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
             f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
             f"peak memory: {last.peak_memory_gb:.2f} GB", err=True)
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()
@@ -171,7 +237,7 @@ def chat(
     from .chat import Chat, repl
     from .sample import check_sampling
 
-    check_sampling(temp, top_k, top_p, min_p, repetition_penalty)
+    check_sampling(temp, top_k, top_p, min_p, repetition_penalty, seed)
     if max_tokens < 1:
         raise ElmError(f"--max-tokens {max_tokens}: expected >= 1")
     model_, tok, template = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
@@ -277,7 +343,9 @@ def bench(
         if json_file == "-":
             typer.echo(text)
         else:
-            Path(json_file).write_text(text + "\n")
+            from .files import atomic_write_text
+
+            atomic_write_text(Path(json_file), text + "\n")
     mx.clear_cache()
 
 
@@ -296,4 +364,8 @@ def models():
 
 
 def main():
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command (while typer parses, or at exit)
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(EXIT_INTERRUPTED)

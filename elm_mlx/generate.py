@@ -73,7 +73,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     continues what the cache holds, and the cache keeps the new context; the
     repetition penalty then sees this prompt, its output and `context` (pass
     the ids the cache holds to penalize them too)."""
-    check_sampling(**{k: v for k, v in sampling.items() if k != "seed"})
+    check_sampling(**sampling)
     if max_tokens < 0:
         raise ElmError(f"--max-tokens {max_tokens}: expected >= 0")
     max_context = model.config.max_context_length

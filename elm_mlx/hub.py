@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import DTYPE_NAMES, parse_dtype
 from .config import PRESETS, preset_name
-from .errors import ElmError
+from .errors import ElmError, quoted
 
 # What an OpenELM repo needs; Apple's also hold remote code we never run.
 ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
@@ -21,12 +21,40 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "elm-mlx"
 
 
+# How long a hub request may take before we call the hub unreachable: a network that
+# accepts connections but never answers must not hang a command (huggingface_hub's own
+# retries would spend half a minute in "Retrying in 1s" messages first).
+HUB_TIMEOUT = 5.0
+_NAME = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"  # the hub's rule: no leading/trailing . or -
+
+
 def repo_id(name: str) -> str | None:
     preset = preset_name(name)
     if preset:
         return f"apple/OpenELM-{preset}"
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if re.fullmatch(f"{_NAME}/{_NAME}", name) and ".." not in name and "--" not in name:
         return name
+    return None
+
+
+def hub_reachable(timeout: float | None = None) -> str | None:
+    """None when the Hugging Face hub answers an HTTP request within `timeout` seconds
+    (or offline mode is on: then it is never asked), else why not, in a few words."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                               timeout=HUB_TIMEOUT if timeout is None else timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad endpoint
+        reason = getattr(e, "reason", None) or e
+        return f"{constants.ENDPOINT} did not answer: {quoted(str(reason), 120)}"
     return None
 
 
@@ -34,8 +62,16 @@ def download(repo: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    unreachable = hub_reachable()
     try:
-        return Path(snapshot_download(repo, allow_patterns=ALLOW))
+        if unreachable:
+            try:
+                return Path(snapshot_download(repo, allow_patterns=ALLOW, local_files_only=True))
+            except LocalEntryNotFoundError:
+                raise ElmError(f"{repo} is not in the Hugging Face cache and the hub can't be reached "
+                               f"({unreachable}): connect once to download it, or pass a local folder to "
+                               "--model") from None
+        return Path(snapshot_download(repo, allow_patterns=ALLOW, etag_timeout=HUB_TIMEOUT))
     except GatedRepoError:
         raise ElmError(f"{repo} is gated on the Hugging Face hub: accept its terms there and log in "
                        "(`hf auth login`)") from None
@@ -47,7 +83,13 @@ def download(repo: str) -> Path:
                        "(offline, or HF_HUB_OFFLINE=1): connect once to download it, or pass a local "
                        "folder to --model") from None
     except HfHubHTTPError as e:
-        raise ElmError(f"downloading {repo} failed: {e}") from None
+        raise ElmError(f"downloading {repo} failed: {quoted(str(e), 300)}") from None
+
+
+def looks_like_path(name: str) -> bool:
+    """./x, ../x, /x, ~/x, x/ and a/b/c are paths, never hub ids."""
+    return name.startswith((".", "/", "~", "\\")) or name.endswith(("/", "\\")) or name.count("/") > 1 \
+        or (name.count("/") == 1 and Path(name.split("/")[0]).expanduser().is_dir())
 
 
 def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -> Path:
@@ -56,6 +98,8 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
         if not path.is_dir():
             raise ElmError(f"--model {name}: a model is a folder (config.json + safetensors), not a file")
         return path
+    if looks_like_path(name):
+        raise ElmError(f"--model {name}: no such folder")
     repo = repo_id(name)
     if repo is None:
         raise ElmError(f"--model {name!r} is not a folder, a preset ({', '.join(PRESETS)}) "

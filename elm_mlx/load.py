@@ -9,7 +9,8 @@ import mlx.nn as nn
 
 from .checkpoint import DTYPE_NAMES, load_weights, parse_dtype, quant_params
 from .config import OpenELMConfig, read_config
-from .errors import ElmError
+from .errors import ElmError, quoted
+from .files import read_text
 from .hub import resolve
 from .model import Model
 from .tokenizer import load_tokenizer
@@ -22,9 +23,9 @@ def read_quantization(raw: dict, source: str) -> dict | None:
     if q is None:
         return None
     if not isinstance(q, dict) or not isinstance(q.get("bits"), int) or not isinstance(q.get("group_size"), int):
-        raise ElmError(f"{source}: \"quantization\" must be an object with integer bits and group_size, got {q!r}")
+        raise ElmError(f"{source}: \"quantization\" must be an object with integer bits and group_size, got {quoted(q)}")
     if q.get("mode", "affine") != "affine":
-        raise ElmError(f"{source}: quantization mode {q['mode']!r} is not supported (expected 'affine')")
+        raise ElmError(f"{source}: quantization mode {quoted(q['mode'])} is not supported (expected 'affine')")
     return q
 
 
@@ -73,7 +74,27 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     folder = resolve(str(name_or_path), dtype, tokenizer)
     model, tok = load_model(folder, dtype), load_tokenizer(folder, tokenizer)
     check_tokenizer_json(folder, tok)
+    check_vocabularies(model.config.vocab_size, tok, folder)
     return model, tok
+
+
+# CoreNet pads OpenELM's embedding to 32128 rows (the 32000 Llama-2 tokens, a padding
+# token, rows to a round size); rows past the tokenizer's are never a token's.
+PADDING_ROWS = 256
+
+
+def check_vocabularies(model_vocab: int, tok, folder) -> None:
+    """The tokenizer's ids must all be rows of the embedding (MLX's gather has no bounds
+    check: a larger tokenizer reads past it), and the model may only add padding rows
+    (the detokenizer turns them into no text)."""
+    if model_vocab < tok.vocab_size:
+        raise ElmError(f"{folder}/config.json: vocab_size is {model_vocab}, but {tok.path} has {tok.vocab_size} "
+                       "tokens: the tokenizer is not this model's (its ids would read past the embedding); "
+                       "pass the model's own tokenizer.model with --tokenizer")
+    if model_vocab > tok.vocab_size + PADDING_ROWS:
+        raise ElmError(f"{folder}/config.json: vocab_size is {model_vocab}, but {tok.path} has only "
+                       f"{tok.vocab_size} tokens: the tokenizer is not this model's; pass the model's own "
+                       "tokenizer.model with --tokenizer")
 
 
 def check_tokenizer_json(folder: Path, tok) -> None:
@@ -83,14 +104,18 @@ def check_tokenizer_json(folder: Path, tok) -> None:
     path = Path(folder) / "tokenizer.json"
     if (Path(folder) / "tokenizer.model").exists() or not path.exists():
         return
+    text = read_text(path, "Hugging Face tokenizer.json", 256 << 20)
     try:
-        vocab = json.loads(path.read_text())["model"]["vocab"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)") from None
+        vocab = json.loads(text)["model"]["vocab"]
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab object of piece -> id)") from None
     pieces = tok.pieces()
     differ = [p for p, i in vocab.items() if not (0 <= i < len(pieces) and pieces[i] == p)]
     if differ or len(vocab) != len(pieces):
-        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {differ[:1] or len(vocab)!r}): "
+        example = quoted(differ[0]) if differ else len(vocab)
+        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {example}): "
                        "this model was trained with another vocabulary; pass its tokenizer.model with --tokenizer")
 
 

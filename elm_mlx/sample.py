@@ -6,8 +6,13 @@ import mlx.core as mx
 from .errors import ElmError
 
 
-def check_sampling(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+SEED_LIMIT = 2**64  # what mx.random.seed takes
+
+
+def check_sampling(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None):
     for ok, flag, value, want in [
+        (seed is None or (isinstance(seed, int) and 0 <= seed < SEED_LIMIT), "--seed", seed,
+         "an integer from 0 to 2**64-1"),
         (temp >= 0, "--temp", temp, ">= 0 (0 means greedy)"),
         (top_k >= 0, "--top-k", top_k, ">= 0 (0 means off)"),
         (0 < top_p <= 1, "--top-p", top_p, "in (0, 1] (1 means off)"),

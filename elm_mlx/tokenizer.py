@@ -15,7 +15,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import ElmError
+from .errors import ElmError, quoted
+from .files import read_bytes, regular_file
 
 TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
@@ -31,6 +32,11 @@ def _replace_each_byte(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("elm_mlx.sp_replace", _replace_each_byte)
 
 
+def _first_surrogate(text: str) -> str:
+    i = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), 0)
+    return text[max(0, i - 10): i + 10]
+
+
 class StreamingDetokenizer:
     """Turns one sequence of token ids into text, a token at a time, in O(1) per token."""
 
@@ -44,7 +50,8 @@ class StreamingDetokenizer:
         self._chunks: list[str] = []
 
     def add_token(self, token_id: int) -> str:
-        data = self._table[token_id]
+        # Ids past the tokenizer (a model's padding rows, see load.check_vocabularies) are no text.
+        data = self._table[token_id] if 0 <= token_id < len(self._table) else b""
         if self._at_start and data:  # control tokens (b"") don't end the start
             self._at_start = False
             if data[:1] == b" " and token_id not in self._literal_space:
@@ -70,6 +77,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._sp = spm.SentencePieceProcessor()
+        regular_file(self.path, "tokenizer.model")  # a FIFO would block the load forever
         try:
             self._sp.Load(str(self.path))
         except (RuntimeError, OSError) as e:
@@ -83,10 +91,23 @@ class Tokenizer:
         self._table: tuple[list[bytes], frozenset[int]] | None = None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return self._sp.encode(text, add_bos=add_bos)
+        if not isinstance(text, str):
+            raise ElmError(f"expected text to tokenize, got {type(text).__name__}")
+        try:
+            return self._sp.encode(text, add_bos=add_bos)
+        except RuntimeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800", or stdin read with surrogateescape)
+                pass
+            else:
+                raise
+            raise ElmError("the text is not valid Unicode (it holds a lone surrogate, e.g. "
+                           f"{quoted(_first_surrogate(text))}); send UTF-8 text") from None
 
     def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        """Text of ids; ids outside the vocabulary (a model's padding rows) are no text."""
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def pieces(self) -> list[str]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
@@ -142,7 +163,15 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
         # Imported here: it is slow to import and only needed when nothing local exists.
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE))
+        from .hub import HUB_TIMEOUT, hub_reachable
+
+        try:
+            path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE, local_files_only=True))
+        except Exception:  # not cached: ask the hub, but only if it answers at all (fail fast)
+            unreachable = hub_reachable()
+            if unreachable:
+                raise ConnectionError(unreachable) from None
+            path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE, etag_timeout=HUB_TIMEOUT))
     except Exception as e:  # offline, not cached, network or hub errors all end the same way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         searched.append(f"hub repo {TOKENIZER_REPO} ({type(e).__name__}: {reason})")
@@ -154,7 +183,7 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
             f"HF_HUB_OFFLINE=1) so it can be fetched from {TOKENIZER_REPO}."
         ) from None
 
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    actual = hashlib.sha256(read_bytes(path, "tokenizer.model")).hexdigest()
     if actual != TOKENIZER_SHA256:
         raise ElmError(
             f"{path} (from {TOKENIZER_REPO}) has sha256 {actual}, expected {TOKENIZER_SHA256}: "
