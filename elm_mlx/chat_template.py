@@ -182,7 +182,7 @@ def choose_template(folder: Path, name: str, template_file: Path | None, no_temp
         try:
             source = read_text(Path(template_file).expanduser(), "Jinja chat template", TEMPLATE_BYTES)
         except ElmError as e:
-            raise ElmError(f"--chat-template: {e} (expected a Jinja template file like transformers' "
-                           "chat_template.jinja)") from None
+            raise ElmError(f"--chat-template {template_file}: cannot read it ({e}); expected a Jinja template "
+                           "file like transformers' chat_template.jinja") from None
         return ChatTemplate(source, str(template_file))
     return find_template(folder, name)

@@ -99,7 +99,7 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
             raise ElmError(f"--model {name}: a model is a folder (config.json + safetensors), not a file")
         return path
     if looks_like_path(name):
-        raise ElmError(f"--model {name}: no such folder")
+        raise ElmError(f"--model {name}: no such folder (a model is a folder, a preset or a hub id org/name)")
     repo = repo_id(name)
     if repo is None:
         raise ElmError(f"--model {name!r} is not a folder, a preset ({', '.join(PRESETS)}) "

@@ -52,7 +52,7 @@ def test_prompt_from_stdin(with_tokenizer):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "no/such/dir/x"], "error: --model 'no/such/dir/x' is not a folder, a preset"),
+    (["--model", "no/such/dir/x"], "error: --model no/such/dir/x: no such folder"),
     (["--dtype", "int4"], "error: --dtype 'int4': expected one of bf16, fp16, fp32"),
     (["--temp", "-1"], "error: --temp -1.0: expected >= 0"),
     (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
