@@ -39,8 +39,11 @@ NO_TEMPLATE_HELP = "Use no chat template: the text goes to the model as typed (b
 EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
 
 
+_debug_flag = False  # --debug of the running command
+
+
 def debugging() -> bool:
-    return os.environ.get("ELM_MLX_DEBUG", "") not in ("", "0")
+    return _debug_flag or os.environ.get("ELM_MLX_DEBUG", "") not in ("", "0")
 
 
 def fail(message: str, code: int):
@@ -86,8 +89,8 @@ def user_errors(fn):
 def options(debug: bool = typer.Option(False, "--debug", help="Show the traceback behind an error "
                                        "(also: ELM_MLX_DEBUG=1).")):
     """Run Apple's OpenELM language models on MLX."""
-    if debug:
-        os.environ["ELM_MLX_DEBUG"] = "1"
+    global _debug_flag
+    _debug_flag = debug
 
 
 def read_stdin() -> str:

@@ -193,7 +193,8 @@ class OpenELMConfig:
                                "query heads must be a positive multiple of KV heads")
         for key, shape in self.weight_shapes().items():
             if max(shape) >= 2**31:  # MLX's array dimensions are 32-bit
-                raise ElmError(f"{source}: {key} would have shape {list(shape)}; a dimension must be < 2**31")
+                raise ElmError(f"{source}: model_dim, head_dim, the head counts and ffn_multipliers give {key} "
+                               f"the shape {list(shape)}; a dimension must be < 2**31")
         for key in ("bos_token_id", "eos_token_id"):
             if getattr(self, key) >= self.vocab_size:
                 raise ElmError(f"{source}: {key} is {getattr(self, key)}, past vocab_size {self.vocab_size}")
