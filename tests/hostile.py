@@ -41,7 +41,9 @@ def zip_with(path: Path, members: dict, compression=zipfile.ZIP_STORED) -> Path:
 def deflated_zeros(zf: zipfile.ZipFile, name: str, nbytes: int, fill: bytes = b"\0") -> None:
     """A member of `nbytes` identical bytes, deflated (~1000:1): the zip bomb's payload."""
     chunk = fill * (1 << 24)
-    with zf.open(zipfile.ZipInfo(name), "w", force_zip64=True) as f:
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zf.open(info, "w", force_zip64=True) as f:
         left = nbytes
         while left > 0:
             f.write(chunk[:min(left, len(chunk))])
@@ -49,7 +51,7 @@ def deflated_zeros(zf: zipfile.ZipFile, name: str, nbytes: int, fill: bytes = b"
 
 
 def pickle_bomb(ops: int) -> bytes:
-    """A protocol-2 pickle of a list of `ops` fresh empty dicts (2 opcodes, ~300 bytes of memory each)."""
+    """A protocol-2 pickle of a list of `ops` // 2 fresh empty dicts (2 opcodes each): small file, many objects."""
     return b"\x80\x02]" + b"}a" * ops + b"."
 
 
@@ -65,9 +67,12 @@ def silent_server():
         sock.close()
 
 
-# A child Python that runs the CLI and reports its own peak memory (ru_maxrss, KiB on Linux).
-_PEAK = textwrap.dedent("""
-    import resource, sys
+# A child Python that runs the CLI and reports its own peak memory: VmHWM, the high-water
+# mark of this process image (ru_maxrss would include the parent's, as Linux keeps it
+# across exec).
+PEAK_RSS_KIB = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+_PEAK = textwrap.dedent(f"""
+    import sys
     from elm_mlx.cli import main
     sys.argv = ["elm-mlx"] + sys.argv[1:]
     code = 0
@@ -76,7 +81,7 @@ _PEAK = textwrap.dedent("""
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     finally:
-        sys.stderr.write(f"\\npeak_rss_kib={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\\n")
+        sys.stderr.write(f"\\npeak_rss_kib={{{PEAK_RSS_KIB}}}\\n")
     sys.exit(code)
 """)
 
