@@ -63,7 +63,8 @@ def user_errors(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort,
+                click.exceptions.ClickException):
             raise
         except ElmError as e:
             fail(f"error: {e}", EXIT_USER_ERROR)
