@@ -13,7 +13,7 @@ from ..checkpoint import check_weights
 from ..config import OpenELMConfig, read_config
 from ..errors import ElmError
 from ..files import regular_file
-from ..load import read_quantization
+from ..quant import read_quantization
 
 
 @dataclass

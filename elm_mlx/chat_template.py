@@ -74,6 +74,18 @@ class ChatTemplate:
             raise ElmError(f"chat template {self.origin}: {quoted(str(e), 300)}") from None
 
 
+def self_contained(template: ChatTemplate) -> str:
+    """The template's source with what elm-mlx adds when it renders written into it,
+    for tools that render templates as they are (transformers, mlx-lm): BOS first,
+    and for Apple's template the empty system turn every DPO prompt had."""
+    source = template.source
+    if template.empty_system:
+        source = "{% if messages[0]['role'] != 'system' %}{{ '<|system|>\\n' + eos_token }}\n{% endif %}" + source
+    if not template.render([{"role": "user", "content": "x"}]).startswith(BOS_TEXT):
+        source = "{{ bos_token }}" + source
+    return source
+
+
 def _raise(message):
     raise ElmError(message)
 
@@ -145,12 +157,18 @@ def encode_chat(tokenizer, text: str) -> list[int]:
     return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id] + ids
 
 
-def chat_ids(tokenizer, template: ChatTemplate | None, messages: list[dict]) -> list[int]:
+def chat_text(template: ChatTemplate | None, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    if template is None:
+        return "".join(m["content"] for m in messages)
+    return template.render(messages, add_generation_prompt)
+
+
+def chat_ids(tokenizer, template: ChatTemplate | None, messages: list[dict],
+             add_generation_prompt: bool = True) -> list[int]:
     """The prompt for `messages`, ending where the assistant's reply begins. Without a
     template (base models, --no-chat-template) the contents are read as typed, one after another."""
-    if template is None:
-        return tokenizer.encode("".join(m["content"] for m in messages))
-    return encode_chat(tokenizer, template.render(messages))
+    text = chat_text(template, messages, add_generation_prompt)
+    return tokenizer.encode(text) if template is None else encode_chat(tokenizer, text)
 
 
 def says_instruct(name: str) -> bool:

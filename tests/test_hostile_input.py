@@ -304,7 +304,7 @@ def test_stdin_not_utf8(model_dir):
 @pytest.mark.parametrize("cmd", ["generate", "chat"])
 def test_seed_out_of_range(model_dir, seed, cmd):
     args = [cmd, "-M", model_dir, "--seed", seed] + (["hi"] if cmd == "generate" else [])
-    fails(args, f"--seed {seed}: expected an integer from 0 to 2**64-1")
+    fails(args, f"--seed {seed}: expected an integer from 0 to {2**64 - 1}")
 
 
 @pytest.mark.parametrize("name", ["./missing", "../missing/model", "~/missing-elm-model", "/no/such/model",
@@ -313,7 +313,7 @@ def test_model_path_that_does_not_exist_is_not_a_hub_id(name, monkeypatch):
     import elm_mlx.hub
 
     monkeypatch.setattr(elm_mlx.hub, "download", lambda repo: pytest.fail(f"asked the hub for {repo}"))
-    fails(["generate", "-M", name, "hi"], f"--model {name}: no such folder")
+    fails(["generate", "-M", name, "hi"], f"--model {name}: no such file or folder")
 
 
 # ---------------------------------------------------------------- disk full while MLX writes
