@@ -164,6 +164,9 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
     """Find tokenizer.model: the model folder, then --tokenizer PATH, then the hub copy."""
     if explicit is not None:
         explicit = Path(explicit).expanduser()
+        if explicit.exists() and not explicit.is_file():
+            raise ElmError(f"--tokenizer {explicit}: not a regular file (a folder, FIFO or device); pass the path "
+                           "of a SentencePiece tokenizer.model")
         if not explicit.is_file():
             raise ElmError(
                 f"--tokenizer {explicit}: no such file. Pass the path of a SentencePiece "

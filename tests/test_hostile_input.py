@@ -474,3 +474,10 @@ def test_read_header_of_a_fifo_returns_at_once(tmp_path):
     os.mkfifo(tmp_path / "x.safetensors")
     with pytest.raises(ElmError, match="FIFO"):
         read_header(tmp_path / "x.safetensors")
+
+
+def test_flags_naming_fifos_do_not_hang(model_dir, tmp_path):
+    os.mkfifo(tmp_path / "tokenizer.model")
+    os.mkfifo(tmp_path / "template.jinja")
+    fails(["generate", "-M", model_dir, "hi", "--tokenizer", tmp_path / "tokenizer.model"], "not a regular file")
+    fails(["generate", "-M", model_dir, "hi", "--chat-template", tmp_path / "template.jinja"], "found a FIFO")
