@@ -481,3 +481,13 @@ def test_flags_naming_fifos_do_not_hang(model_dir, tmp_path):
     os.mkfifo(tmp_path / "template.jinja")
     fails(["generate", "-M", model_dir, "hi", "--tokenizer", tmp_path / "tokenizer.model"], "not a regular file")
     fails(["generate", "-M", model_dir, "hi", "--chat-template", tmp_path / "template.jinja"], "found a FIFO")
+
+
+@pytest.mark.parametrize("ids,message", [([1, 40000], "prompt token 1 is 40000"), ([1, -3], "prompt token 1 is -3"),
+                                         ([1, 2.5], "prompt token 1 is 2.5"), ([True], "prompt token 0 is True")])
+def test_prompt_ids_past_the_embedding_are_refused(model_dir, ids, message):
+    """Ids given directly (the Python API, the server's token prompts) are never gathered out of bounds."""
+    model = load_model(model_dir, dtype="fp32")
+    tok = Tokenizer(model_dir / "tokenizer.model")
+    with pytest.raises(ElmError, match=message):
+        elm_mlx.generate(model, tok, ids, 2)
