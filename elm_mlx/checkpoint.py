@@ -169,7 +169,7 @@ def check_weights(folder: Path, cfg: OpenELMConfig, quantization: dict | None = 
                 raise ElmError(f"{path}: unexpected key {quoted(key)}{hint}; is this an OpenELM checkpoint of this config?")
             want, dtypes = expected[key]
             if shape != want:
-                raise ElmError(f"{path}: {key} has shape {list(shape)}, expected {list(want)} "
+                raise ElmError(f"{path}: {key} has shape {quoted(list(shape))}, expected {list(want)} "
                                f"from {folder / 'config.json'}")
             if st_dtype not in dtypes:
                 raise ElmError(f"{path}: {key} is stored as {st_dtype}, expected {' or '.join(sorted(dtypes))}")

@@ -178,7 +178,7 @@ class OpenELMConfig:
         if not isinstance(d, dict):
             raise ElmError(f"{source}: expected a JSON object of settings, got a JSON {_json_type(d)}")
         if d.get("model_type") != "openelm":
-            raise ElmError(f"{source}: model_type is {d.get('model_type')!r}, expected 'openelm'")
+            raise ElmError(f"{source}: model_type is {quoted(d.get('model_type'))}, expected 'openelm'")
         unsupported = {
             "ffn_with_glu": True,
             "activation_fn_name": "swish",

@@ -39,22 +39,17 @@ def repo_id(name: str) -> str | None:
 
 def hub_reachable(timeout: float | None = None) -> str | None:
     """None when the Hugging Face hub answers an HTTP request within `timeout` seconds
-    (or offline mode is on: then it is never asked), else why not, in a few words."""
-    import urllib.error
-    import urllib.request
-
+    (or offline mode is on: then it is never asked), else why not, in a few words.
+    Asked through huggingface_hub's own HTTP session: its proxies and certificates."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
 
     if constants.HF_HUB_OFFLINE:
         return None
     try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
-                               timeout=HUB_TIMEOUT if timeout is None else timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, bad endpoint
-        reason = getattr(e, "reason", None) or e
-        return f"{constants.ENDPOINT} did not answer: {quoted(str(reason), 120)}"
+        get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT if timeout is None else timeout)
+    except Exception as e:  # timeouts, refused connections, DNS, TLS: any answer at all would not raise
+        return f"{constants.ENDPOINT} did not answer: {quoted(str(e) or type(e).__name__, 120)}"
     return None
 
 
