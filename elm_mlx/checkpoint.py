@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .config import OpenELMConfig
-from .errors import ElmError, quoted
+from .errors import ArgumentError, ElmError, quoted
 from .files import describe_os_error, member_name, read_text, regular_file
 from .quant import GROUP_SIZES, STORED_BITS, module_params
 
@@ -25,14 +25,14 @@ HEADER_LIMIT = 100 << 20  # what the safetensors format itself allows
 INDEX_LIMIT = 64 << 20
 
 
-def parse_dtype(name: str | None, flag: str = "--dtype"):
+def parse_dtype(name: str | None):
     """'bf16' or 'bfloat16' -> mx.bfloat16; None stays None."""
     if name is None:
         return None
     for short, long, dtype in DTYPES:
         if name in (short, long):
             return dtype
-    raise ElmError(f"{flag} {name!r}: expected one of {', '.join(short for short, _, _ in DTYPES)}")
+    raise ArgumentError("dtype", name, f"one of {', '.join(short for short, _, _ in DTYPES)}")
 
 
 def dtype_label(dtype) -> str:

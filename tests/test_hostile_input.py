@@ -313,7 +313,7 @@ def test_model_path_that_does_not_exist_is_not_a_hub_id(name, monkeypatch):
     import elm_mlx.hub
 
     monkeypatch.setattr(elm_mlx.hub, "download", lambda repo: pytest.fail(f"asked the hub for {repo}"))
-    fails(["generate", "-M", name, "hi"], f"--model {name}: no such file or folder")
+    fails(["generate", "-M", name, "hi"], f"--model {name}: expected an existing file or folder")
 
 
 # ---------------------------------------------------------------- disk full while MLX writes
