@@ -46,7 +46,6 @@ class ChatTemplate:
     def __init__(self, source: str, origin: str):
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         # What transformers' apply_chat_template uses; the sandbox keeps a template
         # from reaching Python objects (a template file is data, not code).

@@ -29,7 +29,6 @@ from elm_mlx.chat import Chat, command
 from elm_mlx.chat_template import RENDER_SECONDS, ChatTemplate
 from elm_mlx.checkpoint import read_header
 from elm_mlx.cli import app
-from elm_mlx.convert import convert
 from elm_mlx.load import load_model
 from elm_mlx.tokenizer import Tokenizer, resolve_tokenizer
 
