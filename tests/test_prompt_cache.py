@@ -106,3 +106,20 @@ def test_a_restarted_chat_resumes_from_its_file(folder, tmp_path):
     expect = io.StringIO()
     say(fresh, "And then?", expect)
     assert out.getvalue() == expect.getvalue()
+
+
+def test_a_cache_from_another_tokenizer_is_refused(folder, tmp_path):
+    from elm_mlx import ElmError
+    from elm_mlx import prompt_cache
+    from elm_mlx.context import CachedContext
+
+    model, tok = load(folder, dtype="fp32")
+    context = CachedContext(model)
+    list(context.stream(tok, tok.encode(PROMPT), 3))
+    ident = prompt_cache.identity(folder, model, tok)
+    prompt_cache.save(tmp_path / "p.safetensors", context, ident)
+    fresh = CachedContext(model)
+    prompt_cache.load(tmp_path / "p.safetensors", fresh, ident)
+    assert fresh.ids == context.ids and fresh.cache[0].offset == len(context.ids)
+    with pytest.raises(ElmError, match="was made with another tokenizer"):
+        prompt_cache.load(tmp_path / "p.safetensors", CachedContext(model), {**ident, "tokenizer": "0" * 16})
