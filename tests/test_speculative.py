@@ -10,7 +10,7 @@ import pytest
 from checkpoints import TINY, hf_config, random_weights
 from engine import TINY_32K, build
 
-from elm_mlx import ElmError, stream_generate
+from elm_mlx import ElmError, load, stream_generate
 from elm_mlx.cache import make_cache
 from elm_mlx.context import CachedContext
 from elm_mlx.generate import generate_tokens
@@ -340,7 +340,6 @@ def test_bench_times_speculation_beside_plain_decoding(folder32k, tmp_path, flag
 def test_chat_replies_are_the_same_with_speculation(folder32k):
     import io
 
-    from elm_mlx import load
     from elm_mlx.chat import Chat, say
     from elm_mlx.sample import SamplingParams
 
@@ -366,7 +365,7 @@ def test_server_drafts_per_request(folder32k, tmp_path):
         _, default = request(url, "POST", "/v1/completions", body)
         _, more = request(url, "POST", "/v1/completions", body | {"num_draft_tokens": 4})
         _, lookup = request(url, "POST", "/v1/completions", body | {"prompt_lookup": 3})
-    model, tok = __import__("elm_mlx").load(folder32k, dtype="fp32")
+    model, tok = load(folder32k, dtype="fp32")
     text = "".join(r.text for r in stream_generate(model, tok, TEXT, 10))
     assert default["choices"][0]["text"] == more["choices"][0]["text"] == lookup["choices"][0]["text"] == text
     # The model drafting for itself is always right: 2 or 4 guesses kept per forward.
