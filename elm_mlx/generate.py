@@ -10,6 +10,7 @@ import mlx.core as mx
 from .cache import make_cache
 from .errors import ElmError
 from .sample import apply_repetition_penalty, check_sampling, make_sampler
+from .step import decode_step
 
 
 @dataclass
@@ -34,10 +35,13 @@ def encode_prompt(tokenizer, prompt, room: int, max_context: int) -> list:
 
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, cache=None, context=()):
+                    repetition_penalty=1.0, seed=None, cache=None, context=(), compile=True):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
-    penalty counts as it would without a cache. Validation is the caller's."""
+    penalty counts as it would without a cache. The prompt goes through the
+    eager forward; each later token through the compiled step
+    (elm_mlx/step.py), or the eager forward too with compile=False (the
+    reference it equals). Validation is the caller's."""
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp, top_k, top_p, min_p)
@@ -59,6 +63,15 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 
     y = step(mx.array(prompt_ids))
     mx.async_eval(y)
+    if compile:
+        fast = decode_step(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty)
+
+        def step(tokens):
+            nonlocal seen
+            y, seen = fast(tokens, cache, seen)
+            return y
+
     while True:
         next_y = step(y)
         mx.async_eval(next_y)
