@@ -50,6 +50,9 @@ RepetitionPenaltyOpt = Annotated[float, typer.Option(
     help="Penalize every token already in the context (transformers' semantics); Apple suggests 1.2 for "
     "OpenELM. 1 is off.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+NoCompileOpt = Annotated[bool, typer.Option(
+    "--no-compile", help="Decode with the eager forward instead of the compiled step (same tokens, slower; the "
+    "reference for comparisons).")]
 
 
 def user_errors(fn):
@@ -104,6 +107,7 @@ def generate(
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
     no_chat_template: NoChatTemplateOpt = False,
+    no_compile: NoCompileOpt = False,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
     An -Instruct model gets the prompt as a user message in its chat template."""
@@ -120,7 +124,8 @@ def generate(
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     last = None
     try:
-        for last in stream_generate(model_, tok, prompt, max_tokens, sampling=sampling):
+        for last in stream_generate(model_, tok, prompt, max_tokens, sampling=sampling,
+                                    compile=not no_compile):
             sys.stdout.write(last.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -205,6 +210,7 @@ def chat(
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
     no_chat_template: NoChatTemplateOpt = False,
+    no_compile: NoCompileOpt = False,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
     2048-token context (oldest turns dropped, with a notice) and its KV cache reused.
@@ -216,7 +222,7 @@ def chat(
     model_, tok = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
-    repl(Chat(model_, tok, template, system, max_tokens, sampling), f"elm-mlx chat with {model} ({how}).")
+    repl(Chat(model_, tok, template, system, max_tokens, sampling, compile=not no_compile), f"elm-mlx chat with {model} ({how}).")
 
 
 @app.command()
@@ -239,6 +245,7 @@ def serve(
     tokenizer: TokenizerOpt = None,
     chat_template: ChatTemplateOpt = None,
     no_chat_template: NoChatTemplateOpt = False,
+    no_compile: NoCompileOpt = False,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
     /v1/completions, streamed or not; GET /v1/models, /health) with a chat page at /.
@@ -247,7 +254,8 @@ def serve(
     from .server import serve as run
 
     defaults = Defaults(max_tokens, sampling_params(temp, top_k, top_p, min_p, repetition_penalty))
-    run(model, host, port, defaults, dtype, tokenizer, chat_template, no_chat_template)
+    run(model, host, port, defaults, dtype, tokenizer, compile=not no_compile, template_file=chat_template,
+        no_template=no_chat_template)
 
 
 @app.command()
@@ -277,12 +285,14 @@ def bench(
         "and print the ratio per metric (needs `pip install \"elm-mlx[mlx-lm]\"`).")] = None,
     json_file: Annotated[Optional[str], typer.Option(
         "--json", help="Write the runs as a JSON list to FILE ('-': stdout, and the table goes to stderr).")] = None,
+    no_compile: NoCompileOpt = False,
 ):
     """Measure prompt, generation and total tok/s, time to first token, peak memory and memory bandwidth achieved."""
     from .bench import run_bench
 
     run_bench(model, random_weights=random_weights, method=method, dtype=dtype, quant=quant, gen_tokens=gen_tokens,
               prompt_tokens=prompt_tokens, repeats=repeats, compare=compare, json_file=json_file,
+              compile=not no_compile,
               say=lambda msg: typer.echo(msg, err=True))
 
 

@@ -214,7 +214,8 @@ class Job:
 class Worker:
     """Owns the model on one thread and runs jobs one at a time, in arrival order."""
 
-    def __init__(self, load_model, tokenizer):
+    def __init__(self, load_model, tokenizer, compile: bool = True):
+        self.compile = compile
         self.jobs: queue.Queue = queue.Queue()
         self.tokenizer = tokenizer
         self.busy = False
@@ -239,7 +240,7 @@ class Worker:
     def _run(self, load_model):
         try:
             # Loaded here: MLX streams belong to the thread that uses them.
-            self.context = CachedContext(load_model())
+            self.context = CachedContext(load_model(), self.compile)
             self.tokenizer.detokenizer()  # builds its table now, not in the first request
         except BaseException as e:  # reported by __init__, in the main thread
             self._error = e
@@ -469,7 +470,7 @@ class StoppingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
+def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None, compile=True,
           template_file=None, no_template=False):
     from .chat_template import choose_template
     from .hub import resolve
@@ -480,7 +481,7 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     tokenizer = load_tokenizer(folder, tokenizer_file)
     template = choose_template(folder, name, template_file, no_template)
     sock = bind(host, port)
-    worker = Worker(lambda: load_model(folder, dtype), tokenizer)
+    worker = Worker(lambda: load_model(folder, dtype), tokenizer, compile)
     model = worker.context.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,

@@ -33,6 +33,7 @@ def run_metrics(s: Stamps, prompt_tokens: int, gen_tokens: int, load_s: float) -
     return {
         "prompt_tps": prompt_tokens / (s.first - s.start),
         "generation_tps": (gen_tokens - 1) / after_first if gen_tokens > 1 else 0.0,
+        "ms_per_token": 1e3 * after_first / (gen_tokens - 1) if gen_tokens > 1 else 0.0,
         "total_tps": (prompt_tokens + gen_tokens) / (s.end - s.start),
         "ttft_s": load_s + s.first - s.start,
         "load_s": load_s,
@@ -75,7 +76,8 @@ def kv_bytes_per_token(model) -> int:
     return model.config.kv_bytes_per_token(model.transformer.norm.weight.dtype.size)
 
 
-COLUMNS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("total_tps", "total tok/s"),
+COLUMNS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("ms_per_token", "ms/token"),
+           ("host_ms_per_token", "host ms/token"), ("total_tps", "total tok/s"),
            ("ttft_s", "TTFT s"), ("peak_memory_gb", "peak GB"), ("bandwidth_gbps", "GB/s"), ("bandwidth_pct", "% bw")]
 
 
@@ -85,7 +87,7 @@ def summarize(runs: list) -> dict:
     for r in runs:
         out.setdefault(r["engine"], {k: [] for k, _ in COLUMNS})
         for k, _ in COLUMNS:
-            out[r["engine"]][k].append(r[k])
+            out[r["engine"]][k].append(r.get(k, float("nan")))
     return {e: {k: mean_std(v) for k, v in cols.items()} for e, cols in out.items()}
 
 
@@ -111,5 +113,6 @@ def table(runs: list) -> str:
                   for k, _ in COLUMNS]
         lines.append(f"{'ratio':<16}" + "".join(f"{r:>19.3f}x" for r in ratios))
         lines.append(f"(ratio = {ours} / mlx-lm, means: > 1 is faster for tok/s and GB/s, < 1 is better for "
-                     "TTFT and memory)")
+                     "ms, TTFT and memory)")
+        lines.append("(host ms/token: building one decode step's graph in Python and MLX, before it runs)")
     return "\n".join(lines)
