@@ -474,14 +474,14 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
           template_file=None, no_template=False):
     from .chat_template import choose_template
     from .hub import resolve
-    from .load import load_model
+    from .load import compute_dtype, load_model
     from .tokenizer import load_tokenizer
 
     folder = resolve(name, dtype, tokenizer_file)
     tokenizer = load_tokenizer(folder, tokenizer_file)
     template = choose_template(folder, name, template_file, no_template)
     sock = bind(host, port)
-    worker = Worker(lambda: load_model(folder, dtype), tokenizer, compile)
+    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, compile)
     model = worker.context.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,

@@ -81,7 +81,7 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
 
     from ..checkpoint import parse_dtype
     from ..config import OpenELMConfig, preset_name
-    from ..load import load_model
+    from ..load import compute_dtype, load_model
     from ..model import Model
 
     start = clock()
@@ -95,13 +95,13 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
             raise ElmError(f"--model {name!r} with --random-weights: expected a preset (270M, 450M, 1_1B, 3B) "
                            "or a folder with a config.json")
         model = Model(cfg)  # nn.Linear/nn.Embedding initialise random weights
-        model.set_dtype(parse_dtype(dtype or "bf16"))
+        model.set_dtype(parse_dtype(compute_dtype(dtype) or "bf16"))
         for _, p in tree_flatten(model.parameters()):  # one tensor at a time: no float32 copy of the whole model
             mx.eval(p)
     else:
         from ..hub import resolve
 
-        model = load_model(resolve(name, dtype), dtype)
+        model = load_model(resolve(name, dtype), compute_dtype(dtype))
     quantize(model, quant)
     return model, clock() - start
 
