@@ -13,6 +13,7 @@ speculative verification stay eager (Model.__call__), which is also the
 reference this step must equal (tests/test_step.py)."""
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .sample import apply_repetition_penalty, make_sampler
 
@@ -32,10 +33,12 @@ def _trace(model, sampling: tuple):
             seen = seen | (mx.arange(seen.shape[-1]) == y[:, None]).any(axis=0)
         return y, keys, values, seen
 
-    # Weights are read at each call (not frozen into the trace); the random
-    # state goes in and out so that seeded sampling matches the eager path.
-    state = [model.state, mx.random.state] if temp else [model.state]
-    return mx.compile(step, inputs=state, outputs=[mx.random.state] if temp else [])
+    # The weights are constants of the trace (passing them as inputs would
+    # swap the model's array objects during tracing); decode_step retraces
+    # when they change. The random state goes in and out, so that seeded
+    # sampling draws what the eager path draws.
+    state = [mx.random.state] if temp else []
+    return mx.compile(step, inputs=state, outputs=state)
 
 
 def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
@@ -45,7 +48,11 @@ def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_pe
     Traces are kept on the model, so later calls (chat turns, server
     requests) reuse them."""
     sampling = (temp, top_k, top_p, min_p, repetition_penalty)
+    weights = tuple(id(p) for _, p in tree_flatten(model.parameters()))
     traces = model.__dict__.setdefault("_elm_decode_steps", {})
+    if traces.get("weights") != weights:  # new weights loaded: the old traces hold the old ones
+        traces.clear()
+        traces["weights"] = weights
     if sampling not in traces:
         traces[sampling] = _trace(model, sampling)
     fn = traces[sampling]

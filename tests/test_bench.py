@@ -256,7 +256,7 @@ def test_bad_flags_say_what_is_wrong(tiny_folder, args, message):
 def test_a_checkpoint_folder_is_loaded_and_timed_from_the_start_of_loading(tmp_path):
     make_hf_checkpoint(tmp_path, TINY64, seed=3, dtype="BF16")
     runs, _ = bench_json("--model", str(tmp_path), "--gen-tokens", "3", random_weights=False)
-    assert runs[0]["dtype"] == "bf16" and runs[0]["load_s"] > 0
+    assert runs[0]["dtype"] == "fp32" and runs[0]["load_s"] > 0  # the CPU backend computes a bf16 checkpoint in fp32
     assert runs[0]["ttft_s"] > runs[0]["load_s"]
 
 

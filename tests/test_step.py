@@ -133,7 +133,7 @@ def test_step_writes_the_cache_generate_tokens_can_continue(model, small_buckets
 def test_traces_are_kept_per_sampling_setup(model):
     step = decode_step(model)
     assert decode_step(model, repetition_penalty=1.2) is not None
-    assert len(model.__dict__["_elm_decode_steps"]) == 2
+    assert len(model.__dict__["_elm_decode_steps"]) == 3  # two traces and the weights they hold
     cache = make_cache(model)
     y = mx.argmax(model(mx.array([SEQ[:3]]), cache)[:, -1, :], axis=-1)
     y, seen = step(y, cache, None)
@@ -159,3 +159,12 @@ def test_bf16_compiled_logits_stay_close():
     for i in range(12, 20):
         got = compiled_logits(model, cache, ids[i])
         assert np.abs(got.astype(np.float32) - ref[i]).max() <= 0.1
+
+
+def test_new_weights_are_traced_again(small_buckets):
+    cfg = TINY["untied"]
+    model = build(cfg, random_weights(cfg, seed=8))
+    before = tokens(model, 12)
+    model.load_weights([(k, mx.array(v)) for k, v in random_weights(cfg, seed=9).items()])
+    after = tokens(model, 12)
+    assert after == tokens(model, 12, compile=False) and after != before
