@@ -61,24 +61,32 @@ class Attention(nn.Module):
         """One token x[B, 1, dim] at position `offset` (int32 array [1]):
         its key and value are written into the fixed-size buffers keys/values
         [B, kv_heads, capacity, head_dim] at that position, and it attends to
-        the positions `visible` (bool [capacity]) marks. `rope` is the
-        position's rotation as a [head_dim, head_dim] matrix (Model.decode).
-        Fewer, larger MLX ops than __call__, because a decode step is bound
-        by their count: heads-major is a reshape when L = 1, RoPE a matmul,
-        attention over one query an explicit GQA matmul pair.
-        -> (out, keys, values)"""
+        the positions `visible` (bool [capacity]) marks. Heads-major is a
+        reshape when L = 1. `rope`: the position's rotation as a [head_dim,
+        head_dim] matrix (Model.rope_matrix), with attention as an explicit
+        GQA matmul pair: fewer, larger ops than the CPU backend's composed
+        mx.fast kernels, since a CPU decode step is bound by their count.
+        None: mx.fast.rope and mx.fast.scaled_dot_product_attention, single
+        kernels on a GPU. -> (out, keys, values)"""
         B, n_q, n_kv, hd = x.shape[0], self.n_q, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).reshape(B, n_q + 2 * n_kv, 1, hd)
         q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q @ rope, k @ rope
+        if rope is None:
+            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offset[0])
+            q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
+        else:
+            q, k = q @ rope, k @ rope
         keys = mx.slice_update(keys, k, offset, axes=(2,))
         values = mx.slice_update(values, v, offset, axes=(2,))
-        # Query head h reads KV head h // (n_q / n_kv), as SDPA does.
-        q = (q * self.head_dim**-0.5).reshape(B, n_kv, n_q // n_kv, hd)
-        scores = mx.where(visible, q @ keys.swapaxes(-1, -2), -mx.inf)
-        out = mx.softmax(scores, axis=-1, precise=True) @ values
+        if rope is None:
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=hd**-0.5, mask=visible)
+        else:
+            # Query head h reads KV head h // (n_q / n_kv), as SDPA does.
+            q = (q * hd**-0.5).reshape(B, n_kv, n_q // n_kv, hd)
+            scores = mx.where(visible, q @ keys.swapaxes(-1, -2), -mx.inf)
+            out = mx.softmax(scores, axis=-1, precise=True) @ values
         return self.out_proj(out.reshape(B, 1, n_q * hd)), keys, values
 
 
@@ -151,14 +159,18 @@ class Model(nn.Module):
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)
 
-    def decode(self, token, offset, keys: list, values: list):
+    def decode(self, token, offset, keys: list, values: list, fused_kernels: bool | None = None):
         """The compiled step's forward (see the module docstring): token int32
         [B, 1] at position offset (int32 array [1]), per-layer KV buffers of
         one capacity that hold positions < offset. -> (logits [B, vocab],
-        keys, values) with this token's key and value written in."""
+        keys, values) with this token's key and value written in.
+        fused_kernels: use mx.fast's RoPE and attention kernels (default:
+        on a GPU backend; see Attention.decode)."""
         t = self.transformer
+        if fused_kernels is None:
+            fused_kernels = mx.default_device() != mx.cpu
         visible = mx.arange(keys[0].shape[2]) <= offset
-        rope = self.rope_matrix(offset)
+        rope = None if fused_kernels else self.rope_matrix(offset)
         h = t.token_embeddings(token)
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):

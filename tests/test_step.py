@@ -168,3 +168,22 @@ def test_new_weights_are_traced_again(small_buckets):
     model.load_weights([(k, mx.array(v)) for k, v in random_weights(cfg, seed=9).items()])
     after = tokens(model, 12)
     assert after == tokens(model, 12, compile=False) and after != before
+
+
+def test_the_gpu_variant_with_fused_kernels_equals_eager(small_buckets):
+    # On a GPU the step uses mx.fast.rope (array offset) and SDPA with an
+    # array mask; their CPU fallbacks check the same arithmetic here.
+    cfg = TINY["odd_layers"]
+    model = build(cfg, random_weights(cfg, seed=10))
+    ref = eager_logits(model, SEQ[:30])
+    cache = make_cache(model)
+    model(mx.array([SEQ[:5]]), cache)
+    step = mx.compile(lambda *a: model.decode(*a, fused_kernels=True))
+    for i in range(5, 30):
+        for c in cache:
+            c.reserve(1, c.keys, c.values)
+        logits, keys, values = step(mx.array([[SEQ[i]]]), mx.array([cache[0].offset], mx.int32),
+                                    [c.keys for c in cache], [c.values for c in cache])
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values, c.offset = k, v, c.offset + 1
+        assert np.abs(np.array(logits[0]) - ref[i]).max() <= 1e-5
