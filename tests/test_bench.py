@@ -193,6 +193,19 @@ def test_measure_alternates_engines_and_reports_each_run():
     r = runs[0]  # its clock readings are 6, 7, 8
     assert r["prompt_tps"] == 3.0 and r["generation_tps"] == 3.0 and r["total_tps"] == 3.5 and r["ttft_s"] == 2.0
     assert r["bytes_per_token"] == b.weight_bytes_per_token(model) + b.kv_bytes_per_token(model) * 5
+    assert all(r["same_output"] for r in runs)
+
+
+def test_measure_flags_an_engine_whose_tokens_differ():
+    model = tiny_model()
+    def counting(start):
+        return lambda ids: (t for t in count(start))
+    engines = [b.Engine("A", model, counting(0)), b.Engine("B", model, counting(1))]
+    info = {"load_s": 1.0, "machine_bandwidth_gbps": 10.0, "model": "tiny"}
+    runs = b.measure(engines, [1, 2, 3], 4, 2, info, clock=FakeClock([float(t) for t in range(100)]))
+    assert [(r["engine"], r["same_output"]) for r in runs] == [("A", True), ("B", False), ("B", False), ("A", True)]
+    assert "DIFFERENT 4 token ids" in b.table([{**r, "dtype": "fp32", "method": "paper", "mlx_version": "x",
+                                                  "backend": "CPU", "bandwidth_probe": "p"} for r in runs])
 
 
 # ---------------------------------------------------------------- the command

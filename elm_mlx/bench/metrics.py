@@ -2,6 +2,7 @@
 readings (prompt start, first token, last token) and every reported number is
 a ratio of a token or byte count to one of their windows."""
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -54,7 +55,10 @@ def bandwidth(weight_bytes: int, kv_bytes_per_token: int, prompt_tokens: int, ge
 
 
 def mean_std(values: list) -> tuple:
-    """Mean and sample standard deviation (llama-bench's ±); std 0 for one value."""
+    """Mean and sample standard deviation (llama-bench's ±); std 0 for one
+    value, and for values that were not measured (nan)."""
+    if any(math.isnan(v) for v in values):
+        return float("nan"), 0.0
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -115,4 +119,8 @@ def table(runs: list) -> str:
         lines.append(f"(ratio = {ours} / mlx-lm, means: > 1 is faster for tok/s and GB/s, < 1 is better for "
                      "ms, TTFT and memory)")
         lines.append("(host ms/token: building one decode step's graph in Python and MLX, before it runs)")
+    if len(stats) > 1 and all("same_output" in r for r in runs):
+        same = all(r["same_output"] for r in runs)
+        lines.append(f"output: {'the same' if same else 'DIFFERENT'} {r0['gen_tokens']} token ids in every run of "
+                     "every engine")
     return "\n".join(lines)

@@ -225,13 +225,15 @@ def host_ms(issue: Callable[[], mx.array], steps: int = HOST_STEPS, clock=time.p
     return 1e3 * total / steps
 
 
-def time_run(tokens: Iterator[int], n: int, clock=time.perf_counter) -> Stamps:
-    """Draw n tokens; the iterator does no work before it is first advanced."""
+def time_run(tokens: Iterator[int], n: int, clock=time.perf_counter, out: list | None = None) -> Stamps:
+    """Draw n tokens (appended to `out` when given); the iterator does no
+    work before it is first advanced."""
+    out = [] if out is None else out
     start = clock()
-    next(tokens)
+    out.append(next(tokens))
     first = clock()
     for _ in range(n - 1):
-        next(tokens)
+        out.append(next(tokens))
     end = clock()
     tokens.close()
     mx.synchronize()  # the step queued behind the last token finishes outside the window
@@ -264,17 +266,19 @@ def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict,
         progress(f"warm-up: {e.name}")
         time_run(e.tokens(ids), min(WARMUP_TOKENS, gen_tokens), clock)
         host[e.name] = host_ms(e.issue(ids)) if e.issue else float("nan")
-    runs = []
+    runs, first_output = [], None
     for r in range(repeats):
         for e in engines if r % 2 == 0 else engines[::-1]:
             progress(f"run {r + 1}/{repeats}: {e.name}, {len(ids)} prompt + {gen_tokens} generated tokens")
             mx.reset_peak_memory()
-            stamps = time_run(e.tokens(ids), gen_tokens, clock)
+            drawn = []
+            stamps = time_run(e.tokens(ids), gen_tokens, clock, drawn)
+            first_output = first_output or drawn
             m = run_metrics(stamps, len(ids), gen_tokens, info["load_s"])
             m.update(bandwidth(weights, kv, len(ids), gen_tokens, m["generation_tps"], info["machine_bandwidth_gbps"]))
             runs.append({**info, "engine": e.name, "repeat": r, "prompt_tokens": len(ids),
                          "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                         "host_ms_per_token": host[e.name]})
+                         "host_ms_per_token": host[e.name], "same_output": drawn == first_output})
     return runs
 
 
