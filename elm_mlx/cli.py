@@ -173,7 +173,7 @@ def convert(
 
     paths, label = [], None
     for s in src:
-        path, repo = locate(s, what="SRC")
+        path, repo = locate(s, "src", "SRC")
         paths.append(path)
         label = label or repo
     run(paths, output, dtype=dtype, tokenizer=tokenizer, label=label, quant=quant,
