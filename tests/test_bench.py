@@ -169,6 +169,14 @@ def test_every_engine_generates_the_same_greedy_tokens(quant):
         streams.append([next(it) for _ in range(10)])
         it.close()
     assert streams[0] == streams[1] == streams[2]
+    eager = b.elm_engine(model, compile=False)
+    assert eager.name == "elm-mlx eager"
+    it = eager.tokens(ids)
+    assert [next(it) for _ in range(10)] == streams[0]
+    it.close()
+    for e in engines[:2] + [eager]:  # the host-cost probes issue the same steps
+        one = e.issue(ids)
+        assert [one().item() for _ in range(9)] == streams[0][1:]
     ours = dict(nn.utils.tree_flatten(model.parameters()))
     for e in engines[1:]:  # shared arrays, no copies
         theirs = dict(nn.utils.tree_flatten(e.model.parameters()))
@@ -204,6 +212,17 @@ def test_measure_alternates_engines_and_reports_each_run():
     assert r["prompt_tps"] == 3.0 and r["generation_tps"] == 3.0 and r["total_tps"] == 3.5 and r["ttft_s"] == 2.0
     assert r["bytes_per_token"] == b.weight_bytes_per_token(model) + b.kv_bytes_per_token(model) * 5
     assert all(r["same_output"] for r in runs)
+
+
+def test_host_ms_times_building_the_step_not_running_it():
+    issued = []
+
+    def issue():
+        issued.append(1)
+        return mx.array(1)
+
+    assert b.host_ms(issue, steps=2, clock=FakeClock([0.0, 0.002, 1.0, 1.004])) == pytest.approx(3.0)
+    assert len(issued) == 3  # a first, untimed step (traces, grows caches)
 
 
 def test_measure_flags_an_engine_whose_tokens_differ():
