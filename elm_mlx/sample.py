@@ -47,13 +47,17 @@ def _number(v) -> bool:
     return (_integer(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
-    """logits[B, V] -> token ids[B]. Greedy when temp is 0."""
+def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, values=None):
+    """logits[B, V] -> token ids[B]. Greedy when temp is 0. values: arrays
+    standing in for (temp, top_p, min_p) in the arithmetic while the numbers
+    pick which filters run, so that a compiled step (elm_mlx/step.py) traces
+    once for every temperature instead of once per value."""
     if temp == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
+    t, p, m = (temp, top_p, min_p) if values is None else values
 
     def sample(logits):
-        logits = logits.astype(mx.float32) / temp
+        logits = logits.astype(mx.float32) / t
         if 0 < top_k < logits.shape[-1]:
             kth = mx.sort(logits, axis=-1)[..., -top_k, None]
             logits = mx.where(logits < kth, -mx.inf, logits)
@@ -61,11 +65,11 @@ def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
             order = mx.argsort(-logits, axis=-1)
             probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
             # Keep the smallest prefix whose mass reaches top_p (always the first token).
-            drop = (mx.cumsum(probs, axis=-1) - probs) >= top_p
+            drop = (mx.cumsum(probs, axis=-1) - probs) >= p
             logits = mx.put_along_axis(logits, order, mx.where(drop, -mx.inf, mx.take_along_axis(logits, order, axis=-1)), axis=-1)
         if min_p > 0.0:
             probs = mx.softmax(logits, axis=-1)
-            logits = mx.where(probs < min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
+            logits = mx.where(probs < m * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
         return mx.random.categorical(logits)
 
     return sample

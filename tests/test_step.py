@@ -79,6 +79,7 @@ def tokens(model, n, **kw):
     {},
     {"repetition_penalty": 1.3},
     {"temp": 0.8, "top_p": 0.9, "top_k": 50, "min_p": 0.02, "repetition_penalty": 1.2, "seed": 7},
+    {"temp": 1.3, "top_p": 0.6, "min_p": 0.1, "repetition_penalty": 0.9, "seed": 8},  # same trace, other values
 ])
 def test_generated_tokens_equal_eager(model, small_buckets, sampling):
     assert tokens(model, 30, compile=True, **sampling) == tokens(model, 30, compile=False, **sampling)
@@ -134,6 +135,9 @@ def test_traces_are_kept_per_sampling_setup(model):
     step = decode_step(model)
     assert decode_step(model, repetition_penalty=1.2) is not None
     assert len(model.__dict__["_elm_decode_steps"]) == 3  # two traces and the weights they hold
+    decode_step(model, temp=0.7, top_p=0.9)
+    decode_step(model, temp=0.31, top_p=0.5)  # other values, the same filters: the same trace
+    assert len(model.__dict__["_elm_decode_steps"]) == 4
     cache = make_cache(model)
     y = mx.argmax(model(mx.array([SEQ[:3]]), cache)[:, -1, :], axis=-1)
     y, seen = step(y, cache, None)
