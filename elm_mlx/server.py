@@ -470,8 +470,8 @@ class StoppingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None, compile=True,
-          template_file=None, no_template=False):
+def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
+          template_file=None, no_template=False, compile=True):
     from .chat_template import choose_template
     from .hub import resolve
     from .load import compute_dtype, load_model

@@ -4,9 +4,7 @@ training, detection of -Instruct models (name, folder, converted output), overri
 import shutil
 
 import pytest
-from checkpoints import make_hf_checkpoint
 from elm_mlx.convert import convert
-from engine import TINY_32K
 from hub_cache import make_hub_repo, use_hub_cache
 from typer.testing import CliRunner
 
@@ -123,11 +121,8 @@ def test_bad_templates_are_user_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def instruct_source(tmp_path_factory, llama_tokenizer):
-    src = tmp_path_factory.mktemp("src") / "OpenELM-270M-Instruct"
-    make_hf_checkpoint(src, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, src / "tokenizer.model")
-    return src
+def instruct_source(instruct_folder):
+    return instruct_folder
 
 
 def test_converting_an_instruct_model_keeps_its_template(instruct_source, tmp_path, tok):

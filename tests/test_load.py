@@ -46,12 +46,7 @@ def max_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """Never touch the network or the user's caches: an empty offline hub cache and a
-    private ELM_MLX_CACHE (the hub tests below fill their own)."""
-    use_hub_cache(monkeypatch, tmp_path / "empty-hf-cache")
-    monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "empty-elm-cache"))
+pytestmark = pytest.mark.usefixtures("offline_caches")
 
 
 @pytest.fixture
