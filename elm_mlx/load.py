@@ -29,11 +29,13 @@ def compute_dtype(dtype: str | None) -> str | None:
     activations are 2-10x slower than float32 there (BENCHMARKS.md). Else
     None (load_model's as-stored default). Says so once on stderr, with the
     BLAS hint when no optimized BLAS is bound."""
-    if dtype is not None or not cpu_backend():
+    if not cpu_backend():
         return dtype
     from . import blas
 
     blas.hint_if_missing(True)
+    if dtype is not None:
+        return dtype
     if "dtype" not in _told:
         _told.add("dtype")
         print("elm-mlx: computing in fp32 on MLX's CPU backend (bf16 is several times slower there); "
