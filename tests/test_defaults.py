@@ -11,8 +11,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from checkpoints import TINY, make_hf_checkpoint
-from engine import param_dtypes
+from checkpoints import make_hf_checkpoint
+from engine import TINY_32K, param_dtypes
 
 import elm_mlx
 from elm_mlx import blas
@@ -100,8 +100,7 @@ def test_none_found_binds_nothing_and_the_cpu_hint_says_how(tmp_path):
 
 
 def test_cpu_backend_computes_in_fp32_by_default(tmp_path, capfd, monkeypatch, llama_tokenizer):
-    cfg = TINY["tied"]
-    make_hf_checkpoint(tmp_path / "m", cfg, dtype="BF16")
+    make_hf_checkpoint(tmp_path / "m", TINY_32K, dtype="BF16")  # the Llama-2 vocabulary, as load() checks
     monkeypatch.setattr(sys.modules["elm_mlx.load"], "_told", set())
     model, _ = elm_mlx.load(tmp_path / "m", tokenizer=llama_tokenizer)
     assert param_dtypes(model) == {mx.float32}
