@@ -191,3 +191,18 @@ def test_the_gpu_variant_with_fused_kernels_equals_eager(small_buckets):
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values, c.offset = k, v, c.offset + 1
         assert np.abs(np.array(logits[0]) - ref[i]).max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_full_size_270m_compiled_logits_equal_eager():
+    from elm_mlx.config import OpenELMConfig
+    from elm_mlx.model import Model
+
+    model = Model(OpenELMConfig.from_preset("270M"))
+    mx.eval(model.parameters())  # random float32 weights
+    ids = rng.integers(0, 32000, 24).tolist()
+    ref = eager_logits(model, ids)
+    cache = make_cache(model)
+    model(mx.array([ids[:16]]), cache)
+    errs = [np.abs(compiled_logits(model, cache, ids[i]) - ref[i]).max() for i in range(16, 24)]
+    assert max(errs) <= 1e-5 * max(1.0, np.abs(ref).max()), errs
