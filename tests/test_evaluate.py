@@ -232,3 +232,12 @@ def test_lm_eval_finds_the_backend_by_name():
     from lm_eval.api.registry import get_model
 
     assert get_model("elm-mlx") is ev.ElmLM
+
+
+def test_lm_evals_own_command_line_runs_the_backend(tiny, task_dir, tmp_path):
+    """`python -m elm_mlx.evaluate` is lm-eval's CLI with elm-mlx registered (lm-eval 0.4 has no plugin discovery)."""
+    r = subprocess.run([sys.executable, "-m", "elm_mlx.evaluate", "--model", "elm-mlx", "--model_args",
+                        f"pretrained={tiny[0]},dtype=fp32", "--tasks", "elm_toy_mc", "--include_path", str(task_dir),
+                        "--limit", "3"], capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "elm-mlx (" in r.stdout and "|elm_toy_mc|" in r.stdout.replace(" ", "")
