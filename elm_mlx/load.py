@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from .chat_template import find_template
 from .checkpoint import DTYPE_NAMES, load_weights, parse_dtype, quant_params
 from .config import OpenELMConfig, read_config
 from .errors import ElmError
@@ -73,6 +74,7 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     folder = resolve(str(name_or_path), dtype, tokenizer)
     model, tok = load_model(folder, dtype), load_tokenizer(folder, tokenizer)
     check_tokenizer_json(folder, tok)
+    tok.chat_template = find_template(folder, str(name_or_path))
     return model, tok
 
 

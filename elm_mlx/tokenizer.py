@@ -81,6 +81,28 @@ class Tokenizer:
         self.eos_id: int = self._sp.eos_id()
         self.vocab_size: int = self._sp.vocab_size()
         self._table: tuple[list[bytes], frozenset[int]] | None = None
+        # An -Instruct model's ChatTemplate (set by load()); None for base models.
+        self.chat_template = None
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = True):
+        """As transformers' (and so mlx-lm's): the prompt for `messages` in the
+        model's chat template, as the ids `elm-mlx generate` and `chat` feed the
+        model (tokenize=True) or as text. Without a template the contents are
+        read as typed, one after another."""
+        from .chat_template import chat_ids, chat_text
+
+        if tokenize:
+            return chat_ids(self, self.chat_template, messages, add_generation_prompt)
+        return chat_text(self.chat_template, messages, add_generation_prompt)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self._sp.encode(text, add_bos=add_bos)

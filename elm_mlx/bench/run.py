@@ -222,3 +222,41 @@ def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict,
             runs.append({**info, "engine": e.name, "repeat": r, "prompt_tokens": len(ids),
                          "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9})
     return runs
+
+
+def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, quant=None, gen_tokens=None,
+              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print) -> list:
+    """`elm-mlx bench`: load (or build) the model, time the engines, print the
+    table (stderr when the JSON goes to stdout) and write the JSON runs."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..generate import check_context
+    from .machine import environment
+    from .metrics import table
+
+    defaults = METHODS[method]
+    gen_tokens = defaults["gen_tokens"] if gen_tokens is None else gen_tokens
+    repeats = defaults["repeats"] if repeats is None else repeats
+    if method == "pp-tg" and prompt_tokens is None:
+        prompt_tokens = defaults["prompt_tokens"]
+    say(f"loading {model}{' (random weights)' if random_weights else ''} ...")
+    model_, load_s = load_bench_model(model, dtype, random_weights, quant)
+    ids = prompt_ids(method, prompt_tokens, model_.config.vocab_size)
+    check_context(len(ids), model_.config.max_context_length, what=f"the {method} method's prompt",
+                  new_tokens=gen_tokens)
+    say("probing memory bandwidth ...")
+    info = {"model": model, "dtype": DTYPE_LABELS[model_.dtype], "quant": quant_label(model_), "method": method,
+            "load_s": load_s, **environment()}
+    engines = [elm_engine(model_)] + ([mlx_lm_engine(model_)] if compare else [])
+    runs = measure(engines, ids, gen_tokens, repeats, info, progress=say)
+    print(table(runs), file=sys.stderr if json_file == "-" else sys.stdout)
+    if json_file:
+        text = json.dumps(runs, indent=1)
+        if json_file == "-":
+            print(text)
+        else:
+            Path(json_file).write_text(text + "\n")
+    mx.clear_cache()
+    return runs
