@@ -303,110 +303,64 @@ def import_evaluate():
 @app.command("eval")
 @user_errors
 def eval_(
-    model: str = typer.Option(..., "--model", "-M", help=MODEL_HELP),
-    tasks: Optional[str] = typer.Option(
-        None, help="lm-eval tasks or groups, comma-separated (arc_easy,hellaswag,mmlu; `lm-eval ls tasks` lists "
-        "them). Datasets download through lm-eval (Hugging Face datasets) on first use."),
-    num_fewshot: Optional[int] = typer.Option(None, help="Examples in each prompt. Default: each task's own."),
-    limit: Optional[int] = typer.Option(None, help="Score only the first N examples of each task (a quick check; "
-                                        "not comparable with published numbers)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write lm-eval's results JSON to FILE "
-                                         "('-': stdout, and the tables go to stderr)."),
-    paper: bool = typer.Option(
-        False, help="Run the model card's evaluation (0-shot ARC-c/e, BoolQ, HellaSwag, PIQA, RACE, SciQ, "
-        "TruthfulQA, WinoGrande; 5-shot MMLU, WinoGrande; 25-shot ARC-c, CrowS-Pairs; 10-shot HellaSwag) and print "
-        "each score beside the card's for this model, with the difference."),
-    batch_size: int = typer.Option(8, help="Requests scored per forward pass."),
-    include_path: Optional[Path] = typer.Option(None, help="A folder of extra lm-eval task YAMLs (your own tasks)."),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+    model: ModelOpt,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="lm-eval tasks or groups, comma-separated (arc_easy,hellaswag,mmlu; `lm-eval ls tasks` lists them). "
+        "Datasets download through lm-eval (Hugging Face datasets) on first use.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        min=0, help="Examples in each prompt. Default: each task's own.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, help="Score only the first N examples of each task (a quick check; not comparable with published "
+        "numbers).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Write lm-eval's results JSON to FILE ('-': stdout, and the tables go to "
+        "stderr).")] = None,
+    paper: Annotated[bool, typer.Option(
+        "--paper", help="Run the model card's evaluation (0-shot ARC-c/e, BoolQ, HellaSwag, PIQA, RACE, SciQ, "
+        "TruthfulQA, WinoGrande; 5-shot MMLU, WinoGrande; 25-shot ARC-c, CrowS-Pairs; 10-shot HellaSwag) and "
+        "print each score beside the card's for this model, with the difference.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests scored per forward pass.")] = 8,
+    include_path: Annotated[Optional[Path], typer.Option(
+        file_okay=False, exists=True, help="A folder of extra lm-eval task YAMLs (your own tasks).")] = None,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
 ):
-    """Score a model with lm-evaluation-harness (the harness OpenELM's model card used,
-    with BOS prepended as the card does). Prints lm-eval's tables; --output saves its JSON.
+    """Score a model with lm-evaluation-harness, the harness OpenELM's model card used
+    (BOS prepended, as the card does). Prints lm-eval's tables; --output saves its JSON.
     Needs the eval extra: pip install "elm-mlx[eval]"."""
-    ev = import_evaluate()
+    evaluate = import_evaluate()
     if paper and (tasks or num_fewshot is not None):
         raise ElmError("--paper runs the model card's tasks and shots: leave out --tasks and --num-fewshot")
-    if not paper and not tasks:
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not paper and not names:
         raise ElmError("--tasks: name at least one lm-eval task (e.g. --tasks arc_easy,hellaswag), or use --paper")
-    if limit is not None and limit < 1:
-        raise ElmError(f"--limit {limit}: expected >= 1")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ElmError(f"--num-fewshot {num_fewshot}: expected >= 0")
-    if batch_size < 1:
-        raise ElmError(f"--batch-size {batch_size}: expected >= 1")
-    if include_path is not None and not include_path.is_dir():
-        raise ElmError(f"--include-path {include_path}: not a folder")
-    say = lambda text: typer.echo(text, err=output == "-")  # noqa: E731
-    include = str(include_path) if include_path else None
-    if paper:
-        from . import paper as card
-        from .config import OpenELMConfig, read_config
-        from .hub import resolve
-
-        folder = resolve(model, dtype, tokenizer)
-        which = card.paper_model(model, OpenELMConfig.from_dict(read_config(folder / "config.json")))
-        lm = ev.ElmLM(str(folder), dtype=dtype, tokenizer=tokenizer, batch_size=batch_size)
-        runs = {}
-        for shots, names in card.RUNS:
-            runs[shots] = ev.evaluate(lm, names, shots, limit, include)
-            say(ev.tables(runs[shots]))
-        rows = card.comparison(which, runs)
-        say(card.format_comparison(which, rows))
-        if output:
-            ev.write_json({"model": model, "paper_model": f"OpenELM-{which}", "comparison": [
-                dict(zip(("table", "task", "shots", "metric", "ours", "card", "difference"), r)) for r in rows],
-                "runs": {str(k): v for k, v in runs.items()}}, output)
-        return
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    lm = ev.ElmLM(model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size)
-    results = ev.evaluate(lm, names, num_fewshot, limit, include)
-    say(ev.tables(results))
-    if output:
-        ev.write_json(results, output)
+    evaluate.run_eval(model, names, num_fewshot=num_fewshot, limit=limit, output=output, paper=paper,
+                      batch_size=batch_size, include_path=include_path, dtype=dtype, tokenizer=tokenizer,
+                      say=lambda text: typer.echo(text, err=output == "-"))
 
 
 @app.command()
 @user_errors
 def perplexity(
-    file: Path = typer.Argument(..., help="A UTF-8 text file; BOS is prepended."),
-    model: str = typer.Option(..., "--model", "-M", help=MODEL_HELP),
-    context: int = typer.Option(2048, help="Tokens each window reads (at most the model's 2048)."),
-    stride: Optional[int] = typer.Option(
-        None, help="New tokens scored per window after the first; each reads the --context tokens before it. "
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file; BOS is prepended.")],
+    model: ModelOpt,
+    context: Annotated[int, typer.Option(min=1, help="Tokens each window reads (at most the model's "
+                                         "2048).")] = 2048,
+    stride: Annotated[Optional[int], typer.Option(
+        min=1, help="New tokens scored per window after the first; each reads the --context tokens before it. "
         "Default --context (lm-eval's rolling windows: every token scored once, the fewest passes); smaller "
-        "gives every token more context and costs context/stride times the compute."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass (fewer for long windows: "
-                                   "the logits per pass are bounded)."),
-    dtype: Optional[str] = typer.Option(None, help=DTYPE_HELP),
-    tokenizer: Optional[Path] = typer.Option(None, help=TOKENIZER_HELP),
+        "gives every token more context and costs context/stride times the compute.")] = None,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Windows per forward pass (fewer for long windows: the logits per pass are bounded).")] = 8,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
 ):
     """Perplexity of a text file with sliding windows, to compare dtypes and quantizations
-    of one model (the same file, context and stride for each)."""
-    from tqdm import tqdm
+    of one model (the same file, context and stride for each). Prints `perplexity: X` and tokens/s."""
+    from .score import perplexity_of_file
 
-    from . import load
-    from .load import dtype_name
-    from .score import check_window
-    from .score import perplexity as run
-
-    if not file.is_file():
-        raise ElmError(f"FILE {file}: no such file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ElmError(f"FILE {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if batch_size < 1:
-        raise ElmError(f"--batch-size {batch_size}: expected >= 1")
-    model_, tok = load(model, dtype=dtype, tokenizer=tokenizer)
-    ids = tok.encode(text)
-    stride = context if stride is None else stride
-    check_window(context, stride, model_.config.max_context_length)
-    with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="perplexity", file=sys.stderr) as bar:
-        ppl, n, seconds = run(model_, ids, context, stride, batch_size, progress=bar.update)
-    typer.echo(f"perplexity: {ppl:.4f}")
-    typer.echo(f"{n} tokens scored in {seconds:.2f} s: {n / seconds:.1f} tokens/s "
-               f"(context {context}, stride {stride}, {dtype_name(model_)})")
+    perplexity_of_file(model, file, context=context, stride=stride, batch_size=batch_size, dtype=dtype,
+                       tokenizer=tokenizer, say=typer.echo)
 
 
 @app.command()

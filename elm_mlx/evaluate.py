@@ -32,6 +32,7 @@ from tqdm import tqdm
 from .errors import ElmError
 from .generate import stream_generate
 from .load import dtype_name, load
+from .sample import SamplingParams
 from .score import batches, score_batch
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class ElmLM(TemplateLM):
         ids = self.tok_encode(context)[-(self.max_length - max_gen):] or [self.prefix_token_id]
         longest = max((len(s) for s in until), default=0)
         text = ""
-        for response in stream_generate(self.model, self.tokenizer, ids, max_gen, **sampling):
+        for response in stream_generate(self.model, self.tokenizer, ids, max_gen, sampling=sampling):
             start = max(0, len(text) - longest + 1)
             text += response.text
             if any(s in text[start:] for s in until):
@@ -171,19 +172,54 @@ class ElmLM(TemplateLM):
         return text[:min((text.find(s) for s in until if s in text), default=len(text))]
 
     @staticmethod
-    def sampling(kwargs: dict) -> dict:
-        """elm_mlx sampling arguments from lm-eval's normalized gen_kwargs: greedy unless do_sample."""
+    def sampling(kwargs: dict) -> SamplingParams:
+        """SamplingParams from lm-eval's normalized gen_kwargs: greedy unless do_sample."""
         do_sample = kwargs.pop("do_sample", False)
-        params = {ours: kwargs.pop(theirs) for theirs, ours in SAMPLING_KEYS.items()
-                  if kwargs.get(theirs) is not None}
+        params = {ours: kwargs.pop(theirs) for theirs, ours in SAMPLING_KEYS.items() if theirs in kwargs}
+        params = {k: v for k, v in params.items() if v is not None}
         for key in kwargs:
             log.warning("elm-mlx ignores the generation argument %r", key)
         if not do_sample:
             params["temp"] = 0.0
-        return params
+        return SamplingParams(**params)
 
 
-# ------------------------------------------------------------ runs for the CLI
+# ------------------------------------------------------------ elm-mlx eval
+
+def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=None, paper=False, batch_size=8,
+             include_path=None, dtype=None, tokenizer=None, say=print) -> dict:
+    """`elm-mlx eval`: lm-eval's tables via say, its JSON to `output`. paper: the
+    model card's runs and the ours-vs-card table instead of `tasks`."""
+    include = str(include_path) if include_path else None
+    if not paper:
+        results = evaluate(ElmLM(model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size), tasks,
+                           num_fewshot, limit, include)
+        say(tables(results))
+        if output:
+            write_json(results, output)
+        return results
+
+    from . import paper as card
+    from .config import OpenELMConfig
+    from .hub import resolve
+
+    folder = resolve(model, dtype, tokenizer)
+    which = card.paper_model(model, OpenELMConfig.from_file(folder / "config.json"))
+    lm = ElmLM(str(folder), dtype=dtype, tokenizer=tokenizer, batch_size=batch_size)
+    runs = {}
+    for shots, names in card.RUNS:
+        runs[shots] = evaluate(lm, names, shots, limit, include)
+        say(tables(runs[shots]))
+    rows = card.comparison(which, runs)
+    say(card.format_comparison(which, rows))
+    report = {"model": model, "paper_model": f"OpenELM-{which}",
+              "comparison": [dict(zip(("table", "task", "shots", "metric", "ours", "card", "difference"), r))
+                             for r in rows],
+              "runs": {str(k): v for k, v in runs.items()}}
+    if output:
+        write_json(report, output)
+    return report
+
 
 def evaluate(lm: ElmLM, tasks: list, num_fewshot: int | None = None, limit: int | None = None,
              include_path: str | None = None) -> dict:

@@ -111,3 +111,33 @@ def perplexity(model, ids: list, context: int, stride: int, batch_size: int = 1,
             progress(sum(n_scored[i] for i in batch))
     n = sum(n_scored)
     return float(np.exp(-total / n)), n, time.perf_counter() - tic
+
+
+def perplexity_of_file(model: str, file, *, context: int = 2048, stride: int | None = None, batch_size: int = 8,
+                       dtype=None, tokenizer=None, say=print) -> float:
+    """`elm-mlx perplexity`: prints `perplexity: X` and the speed; returns X."""
+    import sys
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .load import dtype_name, load
+
+    file = Path(file)
+    if not file.is_file():
+        raise ElmError(f"FILE {file}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ElmError(f"FILE {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    stride = context if stride is None else stride
+    check_window(context, stride, 1 << 30)  # before loading; the model's own limit after
+    model_, tok = load(model, dtype=dtype, tokenizer=tokenizer)
+    check_window(context, stride, model_.config.max_context_length)
+    ids = tok.encode(text)
+    with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="perplexity", file=sys.stderr) as bar:
+        ppl, n, seconds = perplexity(model_, ids, context, stride, batch_size, progress=bar.update)
+    say(f"perplexity: {ppl:.4f}")
+    say(f"{n} tokens scored in {seconds:.2f} s: {n / seconds:.1f} tokens/s "
+        f"(context {context}, stride {stride}, {dtype_name(model_)})")
+    return ppl
