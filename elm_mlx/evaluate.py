@@ -190,10 +190,16 @@ def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=No
              include_path=None, dtype=None, tokenizer=None, say=print) -> dict:
     """`elm-mlx eval`: lm-eval's tables via say, its JSON to `output`. paper: the
     model card's runs and the ours-vs-card table instead of `tasks`."""
-    include = str(include_path) if include_path else None
+    from lm_eval.tasks import TaskManager
+
+    def tasks_index():  # lm-eval indexes every task it has (seconds): once, after the cheap checks
+        return TaskManager(include_path=str(include_path) if include_path else None)
+
     if not paper:
+        manager = tasks_index()
+        check_tasks(manager, tasks)  # before loading the model
         results = evaluate(ElmLM(model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size), tasks,
-                           num_fewshot, limit, include)
+                           num_fewshot, limit, manager)
         say(tables(results))
         if output:
             write_json(results, output)
@@ -206,9 +212,10 @@ def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=No
     folder = resolve(model, dtype, tokenizer)
     which = card.paper_model(model, OpenELMConfig.from_file(folder / "config.json"))
     lm = ElmLM(str(folder), dtype=dtype, tokenizer=tokenizer, batch_size=batch_size)
+    manager = tasks_index()
     runs = {}
     for shots, names in card.RUNS:
-        runs[shots] = evaluate(lm, names, shots, limit, include)
+        runs[shots] = evaluate(lm, names, shots, limit, manager)
         say(tables(runs[shots]))
     rows = card.comparison(which, runs)
     say(card.format_comparison(which, rows))
@@ -222,22 +229,27 @@ def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=No
 
 
 def evaluate(lm: ElmLM, tasks: list, num_fewshot: int | None = None, limit: int | None = None,
-             include_path: str | None = None) -> dict:
-    """One lm-eval run (lm-eval's results dict, without per-sample logs)."""
+             manager=None) -> dict:
+    """One lm-eval run (lm-eval's results dict, without per-sample logs). manager: an
+    lm_eval TaskManager (default: lm-eval's tasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise ElmError(f"--tasks {','.join(unknown)}: not lm-eval task or group names (`lm-eval ls tasks` "
-                       "lists them; a local task's YAML folder goes to --include-path)")
+    manager = manager or TaskManager()
+    check_tasks(manager, tasks)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                               log_samples=False)
     if results is None:
         raise ElmError("lm-eval returned no results")
     results.pop("samples", None)
     return results
+
+
+def check_tasks(manager, tasks: list) -> None:
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise ElmError(f"--tasks {','.join(unknown)}: not lm-eval task or group names (`lm-eval ls tasks` "
+                       "lists them; a local task's YAML folder goes to --include-path)")
 
 
 def tables(results: dict) -> str:
