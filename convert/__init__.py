@@ -21,13 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..chat_template import TEMPLATE_FILE, find_template
-from ..checkpoint import DTYPE_NAMES, parse_dtype
+from ..chat_template import TEMPLATE_FILE, find_template, self_contained
+from ..checkpoint import dtype_name, parse_dtype
 from ..errors import ElmError
-from ..load import check_tokenizer_json
-from ..tokenizer import Tokenizer, resolve_tokenizer
+from ..quant import make_plan, quantize_model, quantize_weight
+from ..tokenizer import Tokenizer, check_tokenizer_json, resolve_tokenizer
 from .average import averaged, check_averageable
-from .quantize import make_plan, quantize
 from .sources import open_source, same_architecture
 
 LAYOUTS = ("elm", "mlx-lm")
@@ -92,7 +91,7 @@ def build_weights(sources, dtype, plan=None, average=False, progress=True, desc=
         value = averaged(sources, key) if average else sources[0].read(key)
         if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
             value = value.astype(dtype)
-        parts = quantize(key, value, plan) if plan is not None else {key: value}
+        parts = quantize_weight(key, value, plan) if plan is not None else {key: value}
         mx.eval(list(parts.values()))
         weights |= parts
     return weights
@@ -136,7 +135,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
         if quant is not None:
             if first.quantization is not None:
                 raise ElmError(f"{first.path} is already quantized: quantize from the unquantized checkpoint")
-            if mx_dtype == mx.float16 and cfg.model_dim >= 3072:
+            if mx_dtype == mx.float16 and not cfg.fp16_safe:
                 raise ElmError("--dtype fp16 with --quant on OpenELM-3B: its activations overflow float16; "
                                "a quantized 3B computes in bf16 (leave --dtype at bf16)")
             plan = make_plan(cfg, quant, group_size)
@@ -145,7 +144,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
         template = find_template(first.tokenizer_dir) if first.tokenizer_dir is not None else None
         if first.tokenizer_dir is not None:
             check_tokenizer_json(first.tokenizer_dir, tok)
-        name = DTYPE_NAMES[mx_dtype]
+        name = dtype_name(mx_dtype)
         with output_lock(out):
             if out.exists():
                 raise OutputExists(f"{out} already exists (another conversion wrote it meanwhile)")
@@ -154,12 +153,10 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
             bits = sum(v.nbytes for v in weights.values()) * 8 / cfg.num_parameters()
             check_space(out, sum(v.nbytes for v in weights.values()))
             with atomic_folder(out) as tmp:
-                _write(tmp, first, weights, name, plan, tok, layout)
-                if template is not None:
-                    (tmp / TEMPLATE_FILE).write_text(template.source)
+                _write(tmp, first, weights, name, plan, tok, layout, template)
                 del weights
                 if report:
-                    _report(tmp, sources, mx_dtype, average, tok, progress)
+                    _report(tmp, sources, mx_dtype, average, plan, tok, progress)
             size = sum(f.stat().st_size for f in out.iterdir())
     finally:
         for s in sources:
@@ -170,7 +167,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
     return out
 
 
-def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, layout: str) -> None:
+def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, layout: str, template) -> None:
     mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
     meta = dict(first.meta) | {"torch_dtype": name, "elm_mlx": {"dtype": name}}
     quantization = plan.config_entry() if plan is not None else first.quantization
@@ -183,11 +180,13 @@ def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, lay
         from .mlx_lm import write_index, write_tokenizer_files
 
         write_index(tmp, weights, ["model.safetensors"])
-        write_tokenizer_files(tmp)
+        write_tokenizer_files(tmp, template)
+    if template is not None:  # as any tool renders it: BOS and Apple's empty system turn written in
+        (tmp / TEMPLATE_FILE).write_text(self_contained(template))
 
 
-def _report(tmp: Path, sources, dtype, average: bool, tok: Tokenizer, progress: bool) -> None:
-    from ..load import load_model
+def _report(tmp: Path, sources, dtype, average: bool, plan, tok: Tokenizer, progress: bool) -> None:
+    """quality.json: the quantized weights just written against the same source in `dtype`."""
     from ..model import Model
     from .report import TEXT, compare, log_probs
 
@@ -200,7 +199,10 @@ def _report(tmp: Path, sources, dtype, average: bool, tok: Tokenizer, progress: 
     reference.load_weights(list(build_weights(sources, dtype, None, average, progress, "report: reference").items()))
     ref = log_probs(reference, tokens)
     del reference
-    quality = compare(ref, log_probs(load_model(tmp), tokens), tokens)
+    quantized = Model(cfg)
+    quantize_model(quantized, plan.config_entry(), plan.modules)
+    quantized.load_weights(list(mx.load(str(tmp / "model.safetensors")).items()))
+    quality = compare(ref, log_probs(quantized, tokens), tokens)
     (tmp / "quality.json").write_text(json.dumps(quality.__dict__, indent=2) + "\n")
     if progress:
         print("\n".join(quality.lines()), file=sys.stderr)

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from .errors import ElmError
 from .generate import stream_generate
-from .load import dtype_name, load
+from .checkpoint import dtype_label
+from .load import load
 from .sample import SamplingParams
 from .score import batches, score_batch
 
@@ -98,7 +99,7 @@ class ElmLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def get_model_info(self) -> dict:
-        return {"model": self.pretrained, "dtype": dtype_name(self.model), "add_bos_token": self.add_bos_token,
+        return {"model": self.pretrained, "dtype": dtype_label(self.model.dtype), "add_bos_token": self.add_bos_token,
                 "max_length": self.max_length}
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list:

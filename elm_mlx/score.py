@@ -121,7 +121,8 @@ def perplexity_of_file(model: str, file, *, context: int = 2048, stride: int | N
 
     from tqdm import tqdm
 
-    from .load import dtype_name, load
+    from .checkpoint import dtype_label
+    from .load import load
 
     file = Path(file)
     if not file.is_file():
@@ -139,5 +140,5 @@ def perplexity_of_file(model: str, file, *, context: int = 2048, stride: int | N
         ppl, n, seconds = perplexity(model_, ids, context, stride, batch_size, progress=bar.update)
     say(f"perplexity: {ppl:.4f}")
     say(f"{n} tokens scored in {seconds:.2f} s: {n / seconds:.1f} tokens/s "
-        f"(context {context}, stride {stride}, {dtype_name(model_)})")
+        f"(context {context}, stride {stride}, {dtype_label(model_.dtype)})")
     return ppl

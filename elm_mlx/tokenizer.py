@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -188,3 +189,21 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
 
 def load_tokenizer(model_dir: Path | None, explicit: str | Path | None = None) -> Tokenizer:
     return Tokenizer(resolve_tokenizer(model_dir, explicit))
+
+
+def check_tokenizer_json(folder: Path, tok) -> None:
+    """mlx-lm folders written with recent transformers carry tokenizer.json and
+    no tokenizer.model; the SentencePiece model then comes from --tokenizer or
+    the hub copy, and must be the one tokenizer.json describes."""
+    path = Path(folder) / "tokenizer.json"
+    if (Path(folder) / "tokenizer.model").exists() or not path.exists():
+        return
+    try:
+        vocab = json.loads(path.read_text())["model"]["vocab"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)") from None
+    pieces = tok.pieces()
+    differ = [p for p, i in vocab.items() if not (0 <= i < len(pieces) and pieces[i] == p)]
+    if differ or len(vocab) != len(pieces):
+        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {differ[:1] or len(vocab)!r}): "
+                       "this model was trained with another vocabulary; pass its tokenizer.model with --tokenizer")
