@@ -8,7 +8,8 @@ of an empty one), and utils.get_rolling_token_windows / make_disjoint_window
 for loglikelihood_rolling. BOS is prepended by default (add_bos_token=True: the
 model card's setting, because lm-eval's default is off). Scoring is ours
 (score.py): requests sorted by length, right-padded batches, one forward pass per
-batch with context and continuation together. generate_until runs
+batch with context and continuation together; one-token continuations of the
+same context (MMLU's " A"/" B"/" C"/" D") share one row. generate_until runs
 elm_mlx.generate's loop, greedy unless the task asks for sampling, and stops as
 soon as a stop sequence appears.
 
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import sys
+from collections import defaultdict
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -34,7 +36,7 @@ from .generate import stream_generate
 from .checkpoint import dtype_label
 from .load import load
 from .sample import SamplingParams
-from .score import batches, score_batch
+from .score import batches, next_token_logprobs, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +115,35 @@ class ElmLM(TemplateLM):
             seqs.append((list(context) + list(continuation))[-(self.max_length + 1):])
             n_scored.append(len(continuation))
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        # One-token continuations of one context share a forward pass.
+        shared = defaultdict(list)
+        for i in order:
+            if n_scored[i] == 1:
+                shared[tuple(seqs[i][:-1])].append(i)
+        groups = [g for g in shared.values() if len(g) > 1]
+        grouped = {i for g in groups for i in g}
         results = [None] * len(seqs)
+
+        def done(i, answer):
+            results[i] = answer
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+
         with tqdm(total=len(seqs), desc="loglikelihood", disable=disable_tqdm) as bar:
-            for batch in batches(order, n_scored, self.batch_size):
-                scores = score_batch(self.model, [seqs[i] for i in batch], [n_scored[i] for i in batch])
-                for i, answer in zip(batch, scores):
-                    results[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            rest = [i for i in order if i not in grouped]
+            for batch in batches(rest, n_scored, self.batch_size):
+                for i, answer in zip(batch, score_batch(self.model, [seqs[i] for i in batch],
+                                                        [n_scored[i] for i in batch])):
+                    done(i, answer)
                 bar.update(len(batch))
+            for start in range(0, len(groups), self.batch_size):
+                batch = groups[start:start + self.batch_size]
+                logprobs, argmax = next_token_logprobs(self.model, [seqs[g[0]][:-1] for g in batch])
+                for row, group in enumerate(batch):
+                    for i in group:
+                        target = seqs[i][-1]
+                        done(i, (float(logprobs[row, target]), bool(argmax[row] == target)))
+                bar.update(sum(len(g) for g in batch))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:

@@ -6,7 +6,9 @@ transformer runs once, and the output head runs only on the positions whose
 next token is scored, so a 2-token answer after a 1,000-token few-shot prompt
 costs 2 x vocab logits, not 1,000 x vocab. Sums are taken in float64 from
 float32 log-softmaxes. The lm-eval backend (evaluate.py) and `elm-mlx
-perplexity` both score through `score_batch`.
+perplexity` both score through `score_batch`; the backend's one-token
+continuations of a shared context go through `next_token_logprobs`, one row
+for all of them.
 """
 
 import time
@@ -27,10 +29,7 @@ def score_batch(model, seqs: list, n_scored: list) -> list:
 
     seqs[i]: token ids, inputs and targets together (the model reads seqs[i][:-1]
     and predicts seqs[i][1:]); n_scored[i]: how many of its last tokens to score."""
-    B = len(seqs)
-    L = max(len(s) for s in seqs) - 1
-    C = max(n_scored)
-    inputs = np.zeros((B, L), np.int32)
+    B, C = len(seqs), max(n_scored)
     positions = np.zeros((B, C), np.int32)
     targets = np.zeros((B, C), np.int32)
     valid = np.zeros((B, C), bool)
@@ -39,19 +38,36 @@ def score_batch(model, seqs: list, n_scored: list) -> list:
         m = len(seq) - 1
         if not 1 <= n <= m:
             raise ValueError(f"cannot score {n} tokens of a {len(seq)}-token sequence")
-        inputs[i, :m] = seq[:-1]
         pos = np.arange(m - C, m)  # the last C input positions (right-aligned)
         valid[i] = pos >= m - n
         positions[i] = np.maximum(pos, 0)
         targets[i] = seq[positions[i] + 1]
-    h = model.transformer(mx.array(inputs))
-    h = mx.take_along_axis(h, mx.array(positions)[..., None], axis=1)
-    logits = model.head(h).astype(mx.float32)
+    logits = logits_at(model, [s[:-1] for s in seqs], positions)
     t = mx.array(targets)[..., None]
     logprob = (mx.take_along_axis(logits, t, axis=-1) - mx.logsumexp(logits, axis=-1, keepdims=True))[..., 0]
     greedy = mx.argmax(logits, axis=-1) == t[..., 0]
     logprob, greedy = np.array(logprob, dtype=np.float64), np.array(greedy)
     return [(float(logprob[i][valid[i]].sum()), bool(greedy[i][valid[i]].all())) for i in range(B)]
+
+
+def next_token_logprobs(model, inputs: list) -> tuple:
+    """(log-softmax [B, vocab] float64, argmax [B]) of the token after each input: one
+    pass serves every one-token continuation of a context (a multiple-choice question
+    whose choices are single tokens, like MMLU's letters)."""
+    logits = logits_at(model, inputs, np.array([[len(x) - 1] for x in inputs], np.int32))[:, 0, :]
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return np.array(logprobs, dtype=np.float64), np.array(mx.argmax(logits, axis=-1))
+
+
+def logits_at(model, inputs: list, positions: np.ndarray) -> mx.array:
+    """float32 logits [B, C, vocab] at positions[b] of each input row, the rows
+    right-padded into one batch and run through the transformer once."""
+    tokens = np.zeros((len(inputs), max(len(x) for x in inputs)), np.int32)
+    for i, x in enumerate(inputs):
+        tokens[i, :len(x)] = x
+    h = model.transformer(mx.array(tokens))
+    h = mx.take_along_axis(h, mx.array(positions)[..., None], axis=1)
+    return model.head(h).astype(mx.float32)
 
 
 def batches(order: list, n_scored: list, batch_size: int):

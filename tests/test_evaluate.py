@@ -132,6 +132,30 @@ def test_empty_context_is_bos_and_is_greedy_follows_the_argmax(lm, tiny):
     assert [g for _, g in res] == [True, False, True]
 
 
+def test_one_token_continuations_of_a_context_share_one_row(lm, tiny, monkeypatch):
+    _, weights, sp = tiny
+    rows = []
+    real = ev.next_token_logprobs
+    monkeypatch.setattr(ev, "next_token_logprobs", lambda model, inputs: rows.append(len(inputs)) or real(model, inputs))
+    a, b = [BOS] + sp.encode("Question: which letter? Answer:"), [BOS] + sp.encode("Pick one:")
+    lp_a = log_softmax(reference_logits(weights, TINY_32K, a))[-1]
+    lp_b = log_softmax(reference_logits(weights, TINY_32K, b))[-1]
+    best = int(lp_a.argmax())
+    letters = [sp.piece_to_id(f"\u2581{c}") for c in "ABCD"] + [best]
+    requests = [(None, a, [t]) for t in letters] + [(None, b, [t]) for t in letters[:2]] + [
+        (None, b, letters[:3]), (None, a[:-1], [a[-1]])]  # a 3-token continuation; a lone one-token one
+    res = lm._loglikelihood_tokens(requests)
+    assert rows == [2]  # contexts a and b, each one row; the other two scored as usual
+    for (lp, greedy), t in zip(res[:5], letters):
+        assert lp == pytest.approx(lp_a[t], abs=1e-4) and greedy == (t == best)
+    for (lp, greedy), t in zip(res[5:7], letters):
+        assert lp == pytest.approx(lp_b[t], abs=1e-4) and greedy == (t == int(lp_b.argmax()))
+    full = log_softmax(reference_logits(weights, TINY_32K, b + letters[:2]))
+    assert res[7][0] == pytest.approx(sum(full[len(b) - 1 + i, t] for i, t in enumerate(letters[:3])), abs=1e-4)
+    lone = log_softmax(reference_logits(weights, TINY_32K, a[:-1]))[-1]
+    assert res[8][0] == pytest.approx(lone[a[-1]], abs=1e-4)
+
+
 def test_rolling_loglikelihood_is_the_sum_over_lm_eval_windows(tiny):
     """max_length 16: a 45-token text needs 3 windows; each window is scored
     with the float64 forward on just the tokens it reads."""
