@@ -31,9 +31,9 @@ from lm_eval.models.utils import normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, make_table
 from tqdm import tqdm
 
+from .checkpoint import dtype_label
 from .errors import ElmError
 from .generate import stream_generate
-from .checkpoint import dtype_label
 from .load import load
 from .sample import SamplingParams
 from .score import batches, next_token_logprobs, score_batch

@@ -134,9 +134,13 @@ def test_empty_context_is_bos_and_is_greedy_follows_the_argmax(lm, tiny):
 
 def test_one_token_continuations_of_a_context_share_one_row(lm, tiny, monkeypatch):
     _, weights, sp = tiny
-    rows = []
-    real = ev.next_token_logprobs
-    monkeypatch.setattr(ev, "next_token_logprobs", lambda model, inputs: rows.append(len(inputs)) or real(model, inputs))
+    rows, real = [], ev.next_token_logprobs
+
+    def counting(model, inputs):
+        rows.append(len(inputs))
+        return real(model, inputs)
+
+    monkeypatch.setattr(ev, "next_token_logprobs", counting)
     a, b = [BOS] + sp.encode("Question: which letter? Answer:"), [BOS] + sp.encode("Pick one:")
     lp_a = log_softmax(reference_logits(weights, TINY_32K, a))[-1]
     lp_b = log_softmax(reference_logits(weights, TINY_32K, b))[-1]
