@@ -152,6 +152,8 @@ def perplexity_of_file(model: str, file, *, context: int = 2048, stride: int | N
     model_, tok = load(model, dtype=dtype, tokenizer=tokenizer)
     check_window(context, stride, model_.config.max_context_length)
     ids = tok.encode(text)
+    if len(ids) < 2:
+        raise ElmError(f"FILE {file}: no text to score")
     with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="perplexity", file=sys.stderr) as bar:
         ppl, n, seconds = perplexity(model_, ids, context, stride, batch_size, progress=bar.update)
     say(f"perplexity: {ppl:.4f}")

@@ -148,7 +148,10 @@ def test_perplexity_errors_are_one_line(tiny, tmp_path):
     folder, _, text, _ = tiny
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
     for args, needle in [([str(tmp_path / "missing.txt")], "no such file"),
+                         ([str(empty)], "no text to score"),
                          ([str(bad)], "not UTF-8"),
                          ([str(text), "--context", "4096"], "--context 4096"),
                          ([str(text), "--context", "8", "--stride", "9"], "--stride 9")]:
