@@ -383,6 +383,83 @@ def bench(
               compile=not no_compile, say=lambda msg: typer.echo(msg, err=True))
 
 
+EVAL_INSTALL = 'elm-mlx eval needs lm-evaluation-harness: pip install "elm-mlx[eval]"'
+
+
+def import_evaluate():
+    """elm_mlx.evaluate, or one line on how to install lm-eval (an optional extra)."""
+    try:
+        from . import evaluate
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise ElmError(EVAL_INSTALL) from None
+    return evaluate
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    model: ModelOpt,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="lm-eval tasks or groups, comma-separated (arc_easy,hellaswag,mmlu; `lm-eval ls tasks` lists them). "
+        "Datasets download through lm-eval (Hugging Face datasets) on first use.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        min=0, help="Examples in each prompt. Default: each task's own.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, help="Score only the first N examples of each task (a quick check; not comparable with published "
+        "numbers).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Write lm-eval's results JSON to FILE ('-': stdout, and the tables go to "
+        "stderr).")] = None,
+    paper: Annotated[bool, typer.Option(
+        "--paper", help="Run the model card's evaluation (0-shot ARC-c/e, BoolQ, HellaSwag, PIQA, RACE, SciQ, "
+        "TruthfulQA, WinoGrande; 5-shot MMLU, WinoGrande; 25-shot ARC-c, CrowS-Pairs; 10-shot HellaSwag) and "
+        "print each score beside the card's for this model, with the difference.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests scored per forward pass.")] = 8,
+    include_path: Annotated[Optional[Path], typer.Option(
+        file_okay=False, exists=True, help="A folder of extra lm-eval task YAMLs (your own tasks).")] = None,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Score a model with lm-evaluation-harness, the harness OpenELM's model card used
+    (BOS prepended, as the card does). Prints lm-eval's tables; --output saves its JSON.
+    Needs the eval extra: pip install "elm-mlx[eval]"."""
+    evaluate = import_evaluate()
+    if paper and (tasks or num_fewshot is not None):
+        raise ElmError("--paper runs the model card's tasks and shots: leave out --tasks and --num-fewshot")
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not paper and not names:
+        raise ElmError("--tasks: name at least one lm-eval task (e.g. --tasks arc_easy,hellaswag), or use --paper")
+    evaluate.run_eval(model, names, num_fewshot=num_fewshot, limit=limit, output=output, paper=paper,
+                      batch_size=batch_size, include_path=include_path, dtype=dtype, tokenizer=tokenizer,
+                      say=lambda text: typer.echo(text, err=output == "-"))
+
+
+@app.command()
+@user_errors
+def perplexity(
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file; BOS is prepended.")],
+    model: ModelOpt,
+    context: Annotated[int, typer.Option(min=1, help="Tokens each window reads (at most the model's "
+                                         "2048).")] = 2048,
+    stride: Annotated[Optional[int], typer.Option(
+        min=1, help="New tokens scored per window after the first; each reads the --context tokens before it. "
+        "Default --context (lm-eval's rolling windows: every token scored once, the fewest passes); smaller "
+        "gives every token more context and costs context/stride times the compute.")] = None,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Windows per forward pass (fewer for long windows: the logits per pass are bounded).")] = 8,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Perplexity of a text file with sliding windows, to compare dtypes and quantizations
+    of one model (the same file, context and stride for each). Prints `perplexity: X` and tokens/s."""
+    from .score import perplexity_of_file
+
+    perplexity_of_file(model, file, context=context, stride=stride, batch_size=batch_size, dtype=dtype,
+                       tokenizer=tokenizer, say=typer.echo)
+
+
 @app.command()
 def models():
     """List the presets: hub id, parameters, layers and memory."""
