@@ -155,11 +155,8 @@ class Model(nn.Module):
         return self.head(h)
 
     def head(self, h):
-<<<<<<< HEAD
-=======
         """Logits of final hidden states (the transformer's normed output), for
         callers that need only some positions (scoring reads the continuation's)."""
->>>>>>> main
         if "lm_head" in self:
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)
