@@ -24,7 +24,8 @@ ROLES = ("system", "user", "assistant")
 
 class Chat:
     def __init__(self, model, tokenizer, template: ChatTemplate | None, system: str | None = None,
-                 max_tokens: int = 512, sampling: SamplingParams | None = None, speculation: dict | None = None):
+                 max_tokens: int = 512, sampling: SamplingParams | None = None, compile: bool = True,
+                 speculation: dict | None = None):
         self.tokenizer = tokenizer
         self.template = template
         self.system = system
@@ -32,7 +33,7 @@ class Chat:
         self.max_tokens = max_tokens
         self.sampling = sampling or SamplingParams()
         self.speculation = speculation or {}  # stream_generate's prompt_lookup / draft_model keywords
-        self.context = CachedContext(model)
+        self.context = CachedContext(model, compile)
         self.window = model.config.max_context_length
         self.dropped = 0  # turns dropped so far to fit the window
         self.last = None  # the last reply's final GenerationResponse
@@ -44,7 +45,7 @@ class Chat:
         from . import prompt_cache
 
         context, ident, extra = prompt_cache.open_cache(path, model_name, dtype, tokenizer_file,
-                                                        self.context.model, self.tokenizer)
+                                                        self.context.model, self.tokenizer, self.context.compile)
         self.context, self.cache_file = context, (Path(path), ident)
         if not extra.get("messages"):
             return f"(the conversation will be kept in {path})"

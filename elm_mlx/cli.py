@@ -41,7 +41,11 @@ ModelOpt = Annotated[str, typer.Option(
     "1_1B, 3B, each also -Instruct; see `elm-mlx models`) or a hub id (apple/OpenELM-3B). Presets and hub ids "
     "are downloaded once into the Hugging Face cache and converted once.")]
 DtypeOpt = Annotated[Optional[DtypeName], typer.Option(
-    help="Compute dtype. Default: bf16 (as stored for converted folders).")]
+    help="Compute dtype. Default: fp32 on MLX's CPU backend (bf16 is several times slower there, also for "
+    "quantized weights); elsewhere bf16 (as stored for converted folders).")]
+NoCompileOpt = Annotated[bool, typer.Option(
+    "--no-compile", help="Decode with the eager forward instead of the compiled step (same tokens, slower; the "
+    "reference for comparisons).")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     help="Llama-2 tokenizer.model to use when the model folder has none (Apple's repos ship none); otherwise "
     "an ungated hub copy is fetched and checked.")]
@@ -246,6 +250,7 @@ def generate(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=0,
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
     prompt_cache: PromptCacheOpt = None,
+    no_compile: NoCompileOpt = False,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
@@ -265,11 +270,12 @@ def generate(
     if prompt_cache is not None:
         from . import prompt_cache as cache_file
 
-        context, ident, _ = cache_file.open_cache(prompt_cache, choice.model, choice.dtype, choice.tokenizer, model, tok)
+        context, ident, _ = cache_file.open_cache(prompt_cache, choice.model, choice.dtype, choice.tokenizer, model, tok,
+                                                  compile=not no_compile)
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         stream = context.stream(tok, ids, max_tokens, sampling=sampling, **spec)
     else:
-        stream = stream_generate(model, tok, prompt, max_tokens, sampling=sampling, **spec)
+        stream = stream_generate(model, tok, prompt, max_tokens, sampling=sampling, compile=not no_compile, **spec)
     last, interrupted = None, False
     try:
         for last in stream:
@@ -350,6 +356,7 @@ def chat(
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
                                             help="Most tokens per reply; stops earlier at EOS.")] = 512,
     prompt_cache: PromptCacheOpt = None,
+    no_compile: NoCompileOpt = False,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
@@ -362,7 +369,7 @@ def chat(
     spec = speculation.generate_kwargs(model, tok, choice.dtype, choice.tokenizer)
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
-    chat_ = Chat(model, tok, template, system, max_tokens, sampling, speculation=spec)
+    chat_ = Chat(model, tok, template, system, max_tokens, sampling, compile=not no_compile, speculation=spec)
     title = f"elm-mlx chat with {choice.model} ({how})."
     if prompt_cache is not None:
         title += "\n" + chat_.keep_in(prompt_cache, choice.model, choice.dtype, choice.tokenizer)
@@ -381,6 +388,7 @@ def serve(
                                       help="Port to listen on (0 picks a free one and prints it).")] = 8080,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
                                             help="Default max_tokens for requests without one.")] = 512,
+    no_compile: NoCompileOpt = False,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
@@ -395,7 +403,7 @@ def serve(
     defaults = Defaults(max_tokens, sampling, speculation.prompt_lookup, speculation.ngram,
                         speculation.num_draft_tokens)
     run(choice.model, host, port, defaults, choice.dtype, choice.tokenizer, choice.chat_template,
-        choice.no_chat_template, speculation.draft_model)
+        choice.no_chat_template, compile=not no_compile, draft_model=speculation.draft_model)
 
 
 @app.command()
@@ -427,6 +435,7 @@ def bench(
         "and print the ratio per metric (needs `pip install \"elm-mlx[mlx-lm]\"`).")] = None,
     json_file: Annotated[Optional[str], typer.Option(
         "--json", help="Write the runs as a JSON list to FILE ('-': stdout, and the table goes to stderr).")] = None,
+    no_compile: NoCompileOpt = False,
     *, speculation,
 ):
     """Measure prompt, generation and total tok/s, time to first token, peak memory and memory bandwidth achieved.
@@ -436,7 +445,84 @@ def bench(
 
     run_bench(model, random_weights=random_weights, method=method, dtype=dtype, quant=quant, gen_tokens=gen_tokens,
               prompt_tokens=prompt_tokens, repeats=repeats, compare=compare, json_file=json_file,
-              say=lambda msg: typer.echo(msg, err=True), speculation=speculation)
+              compile=not no_compile, say=lambda msg: typer.echo(msg, err=True), speculation=speculation)
+
+
+EVAL_INSTALL = 'elm-mlx eval needs lm-evaluation-harness: pip install "elm-mlx[eval]"'
+
+
+def import_evaluate():
+    """elm_mlx.evaluate, or one line on how to install lm-eval (an optional extra)."""
+    try:
+        from . import evaluate
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise ElmError(EVAL_INSTALL) from None
+    return evaluate
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    model: ModelOpt,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="lm-eval tasks or groups, comma-separated (arc_easy,hellaswag,mmlu; `lm-eval ls tasks` lists them). "
+        "Datasets download through lm-eval (Hugging Face datasets) on first use.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        min=0, help="Examples in each prompt. Default: each task's own.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, help="Score only the first N examples of each task (a quick check; not comparable with published "
+        "numbers).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Write lm-eval's results JSON to FILE ('-': stdout, and the tables go to "
+        "stderr).")] = None,
+    paper: Annotated[bool, typer.Option(
+        "--paper", help="Run the model card's evaluation (0-shot ARC-c/e, BoolQ, HellaSwag, PIQA, RACE, SciQ, "
+        "TruthfulQA, WinoGrande; 5-shot MMLU, WinoGrande; 25-shot ARC-c, CrowS-Pairs; 10-shot HellaSwag) and "
+        "print each score beside the card's for this model, with the difference.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests scored per forward pass.")] = 8,
+    include_path: Annotated[Optional[Path], typer.Option(
+        file_okay=False, exists=True, help="A folder of extra lm-eval task YAMLs (your own tasks).")] = None,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Score a model with lm-evaluation-harness, the harness OpenELM's model card used
+    (BOS prepended, as the card does). Prints lm-eval's tables; --output saves its JSON.
+    Needs the eval extra: pip install "elm-mlx[eval]"."""
+    evaluate = import_evaluate()
+    if paper and (tasks or num_fewshot is not None):
+        raise ElmError("--paper runs the model card's tasks and shots: leave out --tasks and --num-fewshot")
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not paper and not names:
+        raise ElmError("--tasks: name at least one lm-eval task (e.g. --tasks arc_easy,hellaswag), or use --paper")
+    evaluate.run_eval(model, names, num_fewshot=num_fewshot, limit=limit, output=output, paper=paper,
+                      batch_size=batch_size, include_path=include_path, dtype=dtype, tokenizer=tokenizer,
+                      say=lambda text: typer.echo(text, err=output == "-"))
+
+
+@app.command()
+@user_errors
+def perplexity(
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file; BOS is prepended.")],
+    model: ModelOpt,
+    context: Annotated[int, typer.Option(min=1, help="Tokens each window reads (at most the model's "
+                                         "2048).")] = 2048,
+    stride: Annotated[Optional[int], typer.Option(
+        min=1, help="New tokens scored per window after the first; each reads the --context tokens before it. "
+        "Default --context (lm-eval's rolling windows: every token scored once, the fewest passes); smaller "
+        "gives every token more context and costs context/stride times the compute.")] = None,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Windows per forward pass (fewer for long windows: the logits per pass are bounded).")] = 8,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Perplexity of a text file with sliding windows, to compare dtypes and quantizations
+    of one model (the same file, context and stride for each). Prints `perplexity: X` and tokens/s."""
+    from .score import perplexity_of_file
+
+    perplexity_of_file(model, file, context=context, stride=stride, batch_size=batch_size, dtype=dtype,
+                       tokenizer=tokenizer, say=typer.echo)
 
 
 @app.command()
@@ -448,6 +534,9 @@ def models():
 
 
 def main():
+    from . import blas
+
+    blas.bind()  # done by the package import already; the entry point states it
     try:
         app()
     except KeyboardInterrupt:  # outside a command (while typer parses, or at exit)

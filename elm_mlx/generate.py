@@ -11,6 +11,7 @@ from .cache import make_cache
 from .errors import ElmError, check_max_tokens, quoted
 from .sample import SamplingParams, apply_repetition_penalty, make_sampler
 from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, SpecStats, check_options, make_proposer, speculative_tokens
+from .step import decode_step
 
 
 @dataclass
@@ -64,10 +65,13 @@ def check_ids(ids: list, vocab_size: int) -> None:
 
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, cache=None, context=()):
+                    repetition_penalty=1.0, seed=None, cache=None, context=(), compile=True):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
-    penalty counts as it would without a cache. Validation is the caller's."""
+    penalty counts as it would without a cache. The prompt goes through the
+    eager forward; each later token through the compiled step
+    (elm_mlx/step.py), or the eager forward too with compile=False (the
+    reference it equals). Validation is the caller's."""
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temp, top_k, top_p, min_p)
@@ -89,6 +93,15 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 
     y = step(mx.array(prompt_ids))
     mx.async_eval(y)
+    if compile:
+        fast = decode_step(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty)
+
+        def step(tokens):
+            nonlocal seen
+            y, seen = fast(tokens, cache, seen)
+            return y
+
     while True:
         next_y = step(y)
         mx.async_eval(next_y)
@@ -97,8 +110,9 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(),
-                    sampling: SamplingParams | None = None, prompt_lookup: int = 0, ngram: int = DEFAULT_NGRAM,
-                    draft_model=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, **sampling_args):
+                    sampling: SamplingParams | None = None, compile: bool = True, prompt_lookup: int = 0,
+                    ngram: int = DEFAULT_NGRAM, draft_model=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+                    **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
@@ -106,13 +120,15 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     With `cache` (from make_cache, possibly holding earlier turns) the prompt
     continues what the cache holds, and the cache keeps the new context; the
     repetition penalty then sees this prompt, its output and `context` (pass
-    the ids the cache holds to penalize them too).
+    the ids the cache holds to penalize them too). compile=False decodes
+    with the eager forward (the reference; see generate_tokens).
 
     Speculative decoding (elm_mlx/speculative.py; same output, greedy token for
     token): `prompt_lookup=N` guesses N tokens by matching the last `ngram`
     tokens earlier in the text; `draft_model=` a smaller OpenELM (or the model
-    quantized) guesses `num_draft_tokens`. The cache may then end one token
-    short of the text (CachedContext handles that)."""
+    quantized) guesses `num_draft_tokens`; guesses are checked with the eager
+    forward. The cache may then end one token short of the text (CachedContext
+    handles that)."""
     sampling = sampling or SamplingParams(**sampling_args)
     check_options(prompt_lookup, ngram, draft_model, num_draft_tokens, model)
     max_tokens = check_max_tokens(max_tokens)
@@ -134,7 +150,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
         tokens = speculative_tokens(model, ids, proposer, cache=cache, context=context, max_tokens=max_tokens,
                                     stats=stats, **asdict(sampling))
     else:
-        tokens = generate_tokens(model, ids, cache=cache, context=context, **asdict(sampling))
+        tokens = generate_tokens(model, ids, cache=cache, context=context, compile=compile, **asdict(sampling))
     for n, token in enumerate(tokens, start=1):
         now = time.perf_counter()
         if n == 1:

@@ -110,11 +110,11 @@ def load(path, context: CachedContext, ident: dict) -> dict:
     return extra
 
 
-def open_cache(path, model_name: str, dtype, tokenizer_file, model, tokenizer):
+def open_cache(path, model_name: str, dtype, tokenizer_file, model, tokenizer, compile: bool = True):
     """(CachedContext filled from `path` if it exists, its identity, the file's extra data)."""
     from .hub import resolve
 
     ident = identity(resolve(model_name, dtype, tokenizer_file), model, tokenizer)
-    context = CachedContext(model)
+    context = CachedContext(model, compile)
     extra = load(path, context, ident)
     return context, ident, extra

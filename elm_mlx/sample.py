@@ -47,18 +47,23 @@ def _number(v) -> bool:
     return (_integer(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
-    """logits[B, V] -> token ids[B]. Greedy when temp is 0."""
+def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, values=None):
+    """logits[B, V] -> token ids[B]. Greedy when temp is 0. values: arrays
+    standing in for (temp, top_p, min_p) in the arithmetic while the numbers
+    pick which filters run, so that a compiled step (elm_mlx/step.py) traces
+    once for every temperature instead of once per value."""
     if temp == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
-    return lambda logits: mx.random.categorical(filter_logits(logits, temp, top_k, top_p, min_p))
+    return lambda logits: mx.random.categorical(filter_logits(logits, temp, top_k, top_p, min_p, values))
 
 
-def filter_logits(logits, temp, top_k=0, top_p=1.0, min_p=0.0):
+def filter_logits(logits, temp, top_k=0, top_p=1.0, min_p=0.0, values=None):
     """logits[B, V] -> the float32 logits the draw uses (temp > 0): scaled by
     1/temp, the tokens top-k, top-p and min-p drop set to -inf. Their softmax is
-    the distribution a sample follows (speculative decoding's acceptance reads it)."""
-    logits = logits.astype(mx.float32) / temp
+    the distribution a sample follows (speculative decoding's acceptance reads it).
+    values: arrays standing in for (temp, top_p, min_p) in the arithmetic (make_sampler)."""
+    t, p, m = (temp, top_p, min_p) if values is None else values
+    logits = logits.astype(mx.float32) / t
     if 0 < top_k < logits.shape[-1]:
         kth = mx.sort(logits, axis=-1)[..., -top_k, None]
         logits = mx.where(logits < kth, -mx.inf, logits)
@@ -66,11 +71,11 @@ def filter_logits(logits, temp, top_k=0, top_p=1.0, min_p=0.0):
         order = mx.argsort(-logits, axis=-1)
         probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (always the first token).
-        drop = (mx.cumsum(probs, axis=-1) - probs) >= top_p
+        drop = (mx.cumsum(probs, axis=-1) - probs) >= p
         logits = mx.put_along_axis(logits, order, mx.where(drop, -mx.inf, mx.take_along_axis(logits, order, axis=-1)), axis=-1)
     if min_p > 0.0:
         probs = mx.softmax(logits, axis=-1)
-        logits = mx.where(probs < min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
+        logits = mx.where(probs < m * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
     return logits
 
 

@@ -234,7 +234,8 @@ class Job:
 class Worker:
     """Owns the model on one thread and runs jobs one at a time, in arrival order."""
 
-    def __init__(self, load_model, tokenizer, load_draft=None):
+    def __init__(self, load_model, tokenizer, compile: bool = True, load_draft=None):
+        self.compile = compile
         self.jobs: queue.Queue = queue.Queue()
         self.draft = None
         self.tokenizer = tokenizer
@@ -261,7 +262,7 @@ class Worker:
     def _run(self, load_model, load_draft):
         try:
             # Loaded here: MLX streams belong to the thread that uses them.
-            self.context = CachedContext(load_model())
+            self.context = CachedContext(load_model(), self.compile)
             if load_draft is not None:
                 self.draft = load_draft(self.context.model)
             self.tokenizer.detokenizer()  # builds its table now, not in the first request
@@ -506,10 +507,10 @@ class StoppingServer(uvicorn.Server):
 
 
 def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
-          template_file=None, no_template=False, draft_model: str | None = None):
+          template_file=None, no_template=False, compile=True, draft_model: str | None = None):
     from .chat_template import choose_template
     from .hub import resolve
-    from .load import load_model
+    from .load import compute_dtype, load_model
     from .tokenizer import load_tokenizer
 
     folder = resolve(name, dtype, tokenizer_file)
@@ -522,7 +523,7 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
 
         def load_draft(target):
             return load_checked(draft_model, target, tokenizer, dtype, tokenizer_file)
-    worker = Worker(lambda: load_model(folder, dtype), tokenizer, load_draft)
+    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, compile, load_draft)
     model = worker.context.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,
