@@ -9,7 +9,7 @@ import mlx.core as mx
 
 from .cache import make_cache
 from .errors import ElmError
-from .sample import apply_repetition_penalty, check_sampling, make_sampler
+from .sample import SequenceSampler, check_sampling
 
 
 @dataclass
@@ -34,28 +34,18 @@ def encode_prompt(tokenizer, prompt, room: int, max_context: int) -> list:
 
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, cache=None, context=()):
+                    repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
+                    context=()):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
     penalty counts as it would without a cache. Validation is the caller's."""
-    if seed is not None:
-        mx.random.seed(seed)
-    sampler = make_sampler(temp, top_k, top_p, min_p)
+    sampler = SequenceSampler(model.config.vocab_size, list(context) + list(prompt_ids), temp=temp, top_k=top_k,
+                              top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
     cache = make_cache(model) if cache is None else cache
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = mx.zeros((model.config.vocab_size,), mx.bool_)
-        seen[mx.array(list(context) + list(prompt_ids))] = True
 
     def step(tokens):
-        nonlocal seen
-        logits = model(tokens[None], cache, last_only=True)[:, -1, :]
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        y = sampler(logits)
-        if seen is not None:
-            seen[y] = True
-        return y
+        return sampler(model(tokens[None], cache, last_only=True)[:, -1, :])[0]
 
     y = step(mx.array(prompt_ids))
     mx.async_eval(y)

@@ -1,29 +1,35 @@
 """Turning logits into the next token, with Hugging Face's semantics and order:
-repetition penalty, then temperature, top-k, top-p, min-p, then a draw."""
+repetition penalty (then OpenAI's frequency and presence penalties), then
+temperature, top-k, top-p, min-p, then a draw.
+
+Each sequence draws from its own random key, made from its seed and split once
+per token (`SequenceSampler`), never from MLX's global generator: a sequence
+then gets the same tokens for the same seed whether it runs alone
+(`generate_tokens`) or batched beside others (`elm_mlx.batch`)."""
 
 import mlx.core as mx
 
 from .errors import ElmError
 
 
-def check_sampling(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+def check_sampling(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0,
+                   presence_penalty=0.0):
     for ok, flag, value, want in [
         (temp >= 0, "--temp", temp, ">= 0 (0 means greedy)"),
         (top_k >= 0, "--top-k", top_k, ">= 0 (0 means off)"),
         (0 < top_p <= 1, "--top-p", top_p, "in (0, 1] (1 means off)"),
         (0 <= min_p < 1, "--min-p", min_p, "in [0, 1) (0 means off)"),
         (repetition_penalty > 0, "--repetition-penalty", repetition_penalty, "> 0 (1 means off; Apple suggests 1.2)"),
+        (-2 <= frequency_penalty <= 2, "--frequency-penalty", frequency_penalty, "in [-2, 2] (0 means off)"),
+        (-2 <= presence_penalty <= 2, "--presence-penalty", presence_penalty, "in [-2, 2] (0 means off)"),
     ]:
         if not ok:
             raise ElmError(f"{flag} {value}: expected {want}")
 
 
-def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
-    """logits[B, V] -> token ids[B]. Greedy when temp is 0."""
-    if temp == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
-
-    def sample(logits):
+def make_filter(temp, top_k=0, top_p=1.0, min_p=0.0):
+    """logits[B, V] -> float32 logits / temp with the tokens top-k, top-p and min-p drop at -inf (temp > 0)."""
+    def filter_(logits):
         logits = logits.astype(mx.float32) / temp
         if 0 < top_k < logits.shape[-1]:
             kth = mx.sort(logits, axis=-1)[..., -top_k, None]
@@ -37,9 +43,18 @@ def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
         if min_p > 0.0:
             probs = mx.softmax(logits, axis=-1)
             logits = mx.where(probs < min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
-        return mx.random.categorical(logits)
+        return logits
 
-    return sample
+    return filter_
+
+
+def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
+    """(logits[B, V], key=None) -> token ids[B]. Greedy when temp is 0; without a key
+    the draw uses MLX's global generator."""
+    if temp == 0:
+        return lambda logits, key=None: mx.argmax(logits, axis=-1)
+    filter_ = make_filter(temp, top_k, top_p, min_p)
+    return lambda logits, key=None: mx.random.categorical(filter_(logits), key=key)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -48,3 +63,59 @@ def apply_repetition_penalty(logits, seen, penalty):
     penalty when positive and multiplied when negative. seen: bool[V]."""
     penalized = mx.where(logits > 0, logits / penalty, logits * penalty)
     return mx.where(seen, penalized, logits)
+
+
+def apply_frequency_presence(logits, counts, frequency, presence):
+    """OpenAI's penalties: logit[j] -= frequency * c[j] + presence * (c[j] > 0), c[j] being how
+    often token j was generated so far (the output only, as OpenAI and vLLM count)."""
+    return logits - (frequency * counts + presence * (counts > 0))
+
+
+def log_softmax(logits):
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+class SequenceSampler:
+    """One sequence's sampling: its penalties' state (ids seen, output counts) and its random key.
+
+    `sampler(logits[1, V]) -> (token[1], logits after every transform)`: the second is
+    what `log_softmax` turns into the logprobs a server reports. With seed None the
+    key comes from MLX's global generator (so `mx.random.seed` still decides)."""
+
+    def __init__(self, vocab_size: int, context=(), *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None):
+        self.seen = None
+        if repetition_penalty != 1.0:
+            self.seen = mx.zeros((vocab_size,), mx.bool_)
+            if len(context):
+                self.seen[mx.array(list(context))] = True
+        self.counts = mx.zeros((vocab_size,), mx.float32) if (frequency_penalty or presence_penalty) else None
+        self.repetition_penalty = repetition_penalty
+        self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
+        self.filter = make_filter(temp, top_k, top_p, min_p) if temp > 0 else None
+        if self.filter is None:
+            self.key = None
+        elif seed is None:
+            self.key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+        else:
+            self.key = mx.random.key(seed)
+
+    def transform(self, logits):
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.repetition_penalty)
+        if self.counts is not None:
+            logits = apply_frequency_presence(logits, self.counts, self.frequency_penalty, self.presence_penalty)
+        return logits.astype(mx.float32) if self.filter is None else self.filter(logits)
+
+    def __call__(self, logits):
+        logits = self.transform(logits)
+        if self.filter is None:
+            y = mx.argmax(logits, axis=-1)
+        else:
+            self.key, key = mx.random.split(self.key)
+            y = mx.random.categorical(logits, key=key)
+        if self.seen is not None:
+            self.seen[y] = True
+        if self.counts is not None:
+            self.counts = self.counts.at[y].add(1.0)
+        return y, logits

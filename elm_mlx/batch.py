@@ -1,0 +1,264 @@
+"""Continuous batching: many sequences decode together, one token each per model pass.
+
+A decode step reads every weight once whether it serves one sequence or eight, so the
+server runs its requests through one `BatchEngine`: sequences join and leave between
+steps, and every step feeds each running sequence's last token through one batched
+forward.
+
+Design decision: each sequence keeps its *own* per-layer `KVCache`s (no padding, no
+mask). The projections and the FFN, where the weights are read, run once on the
+[B, 1, dim] batch; only attention runs per sequence, over that sequence's cache,
+exactly as the single-sequence path runs it. At the context lengths a local server
+sees, attention is a small part of a step, and this buys two things mlx-lm's
+left-padded `BatchKVCache` does not: a sequence's numbers are computed by the same
+operations as when it runs alone (so its tokens equal `generate_tokens`' tokens, greedy
+or seeded), and joining, leaving and prefix reuse are list operations, never copies or
+re-padding of a shared cache.
+
+Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
+so a seeded request draws the same tokens beside any company. A newcomer's prompt is
+read between decode steps, at most `prefill_chunk` prompt tokens per step, so running
+streams wait for at most one chunk. Caches of finished requests are kept (up to
+`max_batch` of them) so a client re-sending a growing conversation has only the new
+part read."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .context import common_prefix
+from .errors import ElmError
+from .sample import SequenceSampler, log_softmax
+
+MAX_TOP_LOGPROBS = 10  # OpenAI's limit
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine. `tokens` grows by one per step until `finish` is set
+    ("stop": EOS, "length": max_tokens or the context, "cancelled")."""
+    id: int
+    ids: list[int]  # the prompt
+    max_tokens: int
+    sampler: SequenceSampler
+    logprobs: int | None  # None: none; 0: the chosen token's; k: also the k most likely
+    eos_id: int | None
+    tokens: list[int] = field(default_factory=list)
+    caches: list | None = None
+    todo: list[int] = field(default_factory=list)  # prompt ids still to prefill
+    reused: int = 0  # prompt tokens found in a kept cache
+    finish: str | None = None
+    cancelled: bool = False
+
+    def held(self) -> list[int]:
+        """The ids the caches hold, position by position."""
+        return (self.ids + self.tokens)[: self.caches[0].offset]
+
+
+@dataclass
+class Token:
+    """What a step produced for one sequence."""
+    seq: Sequence
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish: str | None = None
+
+
+class BatchEngine:
+    """Not thread-safe: one thread adds, cancels and steps (MLX work stays on it)."""
+
+    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 512):
+        if max_batch < 1:
+            raise ElmError(f"--max-batch {max_batch}: expected >= 1")
+        self.model = model
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.window = model.config.max_context_length
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.kept: list[tuple[list[int], list]] = []  # (ids held, caches) of finished sequences, oldest first
+        self._ids = itertools.count()
+        self.totals = dict(requests=0, finished=0, cancelled=0, prompt_tokens=0, reused_tokens=0,
+                           generated_tokens=0, steps=0)
+
+    # ------------------------------------------------------------ requests
+
+    def add(self, ids: list[int], max_tokens: int, *, eos_id: int | None = None, logprobs: int | None = None,
+            **sampling) -> Sequence:
+        """Queue a prompt; it starts at the next step with room. Sampling keywords as SequenceSampler's."""
+        if not ids:
+            raise ElmError("the prompt is empty: expected at least one token (BOS)")
+        if len(ids) >= self.window:
+            raise ElmError(f"the prompt is {len(ids)} tokens; OpenELM's context is {self.window} tokens "
+                           "and a reply needs at least one more")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ElmError(f"top_logprobs {logprobs}: expected 0 to {MAX_TOP_LOGPROBS}")
+        sampler = SequenceSampler(self.model.config.vocab_size, ids, **sampling)
+        seq = Sequence(next(self._ids), list(ids), min(max_tokens, self.window - len(ids)), sampler, logprobs, eos_id)
+        self.waiting.append(seq)
+        self.totals["requests"] += 1
+        return seq
+
+    def cancel(self, seq: Sequence):
+        """Stops `seq` at the next step (its caches are kept for reuse like a finished one's)."""
+        seq.cancelled = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        return {"queued": len(self.waiting), "active": len(self.running), "max_batch": self.max_batch, **self.totals}
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> list[Token]:
+        """Admit waiting sequences, read up to one chunk of prompts, then one token for each running
+        sequence (a sequence whose prompt was finished in this step gets its first token too)."""
+        self._drop_cancelled()
+        self._admit()
+        out = self._prefill()
+        decoding = [s for s in self.running if not s.todo and s.tokens and s.finish is None]
+        if decoding:
+            logits = decode_step(self.model, [s.tokens[-1] for s in decoding], [s.caches for s in decoding])
+            out += self._sample(decoding, [logits[b: b + 1] for b in range(len(decoding))])
+        self.totals["steps"] += 1
+        self._retire()
+        return out
+
+    def _drop_cancelled(self):
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.finish = "cancelled"
+            self.totals["cancelled"] += 1
+        for seq in self.running:
+            if seq.cancelled and seq.finish is None:
+                seq.finish = "cancelled"
+                self.totals["cancelled"] += 1
+        self._retire()
+
+    def _admit(self):
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            seq.caches, n = self._caches_for(seq.ids)
+            seq.reused, seq.todo = n, seq.ids[n:]
+            self.totals["prompt_tokens"] += len(seq.ids)
+            self.totals["reused_tokens"] += n
+            self.running.append(seq)
+
+    def _caches_for(self, ids: list[int]) -> tuple[list, int]:
+        """Kept caches holding the longest prefix of `ids` (trimmed to it), else fresh ones."""
+        best, n = None, 0
+        for i, (held, _) in enumerate(self.kept):
+            # The last prompt token is always read again: its logits pick the first new token.
+            common = min(common_prefix(held, ids), len(ids) - 1)
+            if common > n:
+                best, n = i, common
+        if best is None:
+            if len(self.kept) < self.max_batch:
+                return make_cache(self.model), 0
+            best = 0  # recycle the oldest kept caches' buffers
+        _, caches = self.kept.pop(best)
+        for c in caches:
+            c.trim(c.offset - n)
+        return caches, n
+
+    def _prefill(self) -> list[Token]:
+        """Prompt chunks for admitted sequences, oldest first, about `prefill_chunk` tokens in all.
+        A prompt no longer than a chunk is read in one forward, as `generate_tokens` reads it."""
+        budget, done, last_logits = self.prefill_chunk, [], []
+        for seq in self.running:
+            if not seq.todo or seq.finish is not None:
+                continue
+            if budget < min(len(seq.todo), self.prefill_chunk) and budget < self.prefill_chunk:
+                break  # it gets a whole chunk in the next step
+            chunk, seq.todo = seq.todo[: self.prefill_chunk], seq.todo[self.prefill_chunk:]
+            logits = self.model(mx.array(chunk)[None], seq.caches, last_only=True)[:, -1, :]
+            budget -= len(chunk)
+            if seq.todo:
+                mx.eval([c.state for c in seq.caches])
+            else:
+                done.append(seq)
+                last_logits.append(logits)
+            if budget <= 0:
+                break
+        return self._sample(done, last_logits)
+
+    def _sample(self, seqs: list[Sequence], logits: list) -> list[Token]:
+        if not seqs:
+            return []
+        drawn, extra = [], []
+        for seq, row in zip(seqs, logits):
+            y, transformed = seq.sampler(row)
+            drawn.append(y)
+            if seq.logprobs is not None:
+                lp = log_softmax(transformed)[0]
+                top = mx.argpartition(-lp, kth=seq.logprobs - 1)[: seq.logprobs] if seq.logprobs else None
+                extra.append((lp[y[0]], top, None if top is None else lp[top]))
+            else:
+                extra.append(None)
+        mx.eval(drawn, [e for e in extra if e is not None])
+        out = []
+        for seq, y, e in zip(seqs, drawn, extra):
+            token = y.item()
+            seq.tokens.append(token)
+            self.totals["generated_tokens"] += 1
+            t = Token(seq, token)
+            if e is not None:
+                t.logprob = e[0].item()
+                if e[1] is not None:
+                    pairs = sorted(zip(e[1].tolist(), e[2].tolist()), key=lambda p: -p[1])
+                    t.top_logprobs = [(i, v) for i, v in pairs if v > -float("inf")]
+            if token == seq.eos_id:
+                seq.finish = "stop"
+            elif len(seq.tokens) >= seq.max_tokens:
+                seq.finish = "length"
+            t.finish = seq.finish
+            out.append(t)
+        return out
+
+    def _retire(self):
+        for seq in [s for s in self.running if s.finish is not None]:
+            self.running.remove(seq)
+            if seq.finish != "cancelled":
+                self.totals["finished"] += 1
+            # Keep its caches for a client that continues this conversation.
+            if seq.caches[0].offset > 0:
+                self.kept.append((seq.held(), seq.caches))
+                if len(self.kept) > self.max_batch:
+                    self.kept.pop(0)
+            seq.caches = None
+
+
+def decode_step(model, tokens: list[int], caches: list[list]):
+    """One token for each of B sequences: tokens[B] -> logits[B, vocab]. The weights are read once
+    for the batch; attention runs per sequence over its own caches (see the module doc)."""
+    t = model.transformer
+    h = t.token_embeddings(mx.array(tokens)[:, None])
+    offsets = mx.array([c[0].offset for c in caches])
+    for i, layer in enumerate(t.layers):
+        h = h + _attention(layer.attn, layer.attn_norm(h), [c[i] for c in caches], offsets)
+        h = h + layer.ffn(layer.ffn_norm(h))
+    h = t.norm(h)
+    logits = model.lm_head(h) if "lm_head" in model else t.token_embeddings.as_linear(h)
+    return logits[:, -1, :]
+
+
+def _attention(attn, x, caches: list, offsets):
+    B = x.shape[0]
+    qkv = attn.qkv_proj(x).reshape(B, 1, attn.n_q + 2 * attn.n_kv, attn.head_dim)
+    q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [attn.n_q, attn.n_q + attn.n_kv], axis=1)
+    if "q_norm" in attn:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rope = dict(traditional=False, base=attn.rope_base, scale=1.0, offset=offsets)
+    q, k = mx.fast.rope(q, attn.head_dim, **rope), mx.fast.rope(k, attn.head_dim, **rope)
+    outs = []
+    for b, cache in enumerate(caches):
+        kb, vb = cache.update_and_fetch(k[b: b + 1], v[b: b + 1])
+        outs.append(mx.fast.scaled_dot_product_attention(q[b: b + 1], kb, vb, scale=attn.head_dim**-0.5))
+    out = mx.concatenate(outs, axis=0) if B > 1 else outs[0]
+    return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
