@@ -53,7 +53,7 @@ class Sequence:
     todo: list[int] = field(default_factory=list)  # prompt ids still to prefill
     reused: int = 0  # prompt tokens found in a kept cache
     finish: str | None = None
-    cancelled: bool = False
+    cancelled: str | None = None  # the finish reason cancel() was given
 
     def held(self) -> list[int]:
         """The ids the caches hold, position by position."""
@@ -104,9 +104,11 @@ class BatchEngine:
         self.totals["requests"] += 1
         return seq
 
-    def cancel(self, seq: Sequence):
-        """Stops `seq` at the next step (its caches are kept for reuse like a finished one's)."""
-        seq.cancelled = True
+    def cancel(self, seq: Sequence, finish: str = "cancelled"):
+        """Ends `seq` at the next step with this finish reason (its caches are kept for reuse like a
+        finished one's). The server also ends a sequence this way when a stop string appears."""
+        if seq.finish is None:
+            seq.cancelled = finish
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -133,12 +135,11 @@ class BatchEngine:
     def _drop_cancelled(self):
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
-            seq.finish = "cancelled"
-            self.totals["cancelled"] += 1
+            seq.finish = seq.cancelled
+            self.totals["cancelled" if seq.finish == "cancelled" else "finished"] += 1
         for seq in self.running:
             if seq.cancelled and seq.finish is None:
-                seq.finish = "cancelled"
-                self.totals["cancelled"] += 1
+                seq.finish = seq.cancelled
         self._retire()
 
     def _admit(self):
@@ -224,8 +225,7 @@ class BatchEngine:
     def _retire(self):
         for seq in [s for s in self.running if s.finish is not None]:
             self.running.remove(seq)
-            if seq.finish != "cancelled":
-                self.totals["finished"] += 1
+            self.totals["cancelled" if seq.finish == "cancelled" else "finished"] += 1
             # Keep its caches for a client that continues this conversation.
             if seq.caches[0].offset > 0:
                 self.kept.append((seq.held(), seq.caches))
