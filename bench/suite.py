@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten
 from elm_mlx import bench as b
 from elm_mlx.cache import make_cache
 from elm_mlx.checkpoint import parse_dtype
+from elm_mlx.quant import DEFAULT_GROUP_SIZE, LEVELS, RECIPE, UNIFORM
 from elm_mlx.config import SIZES
 from elm_mlx.model import Model
 
@@ -120,15 +121,15 @@ def kernels(env) -> dict:
     x = mx.random.normal((1, 2048), key=mx.random.key(1))
     mx.eval(w32, x)
     formats = [("fp32", w32, None), ("bf16", w32.astype(mx.bfloat16), None)]
-    for quant, bits in b.QUANT_BITS.items():
-        formats.append((f"bf16-{quant}", w32.astype(mx.bfloat16), bits))
+    for quant, bits in UNIFORM.items():
+        formats.append((f"bf16-{quant.removesuffix('-uniform')}", w32.astype(mx.bfloat16), bits))
     for name, w, bits in formats:
         xx = x.astype(w.dtype)
         if bits:
-            wq, s, z = mx.quantize(w, b.GROUP_SIZE, bits)
+            wq, s, z = mx.quantize(w, DEFAULT_GROUP_SIZE, bits)
             mx.eval(wq, s, z)
             nbytes = wq.nbytes + s.nbytes + z.nbytes
-            f = lambda: mx.eval(mx.quantized_matmul(xx, wq, s, z, transpose=True, group_size=b.GROUP_SIZE,  # noqa
+            f = lambda: mx.eval(mx.quantized_matmul(xx, wq, s, z, transpose=True, group_size=DEFAULT_GROUP_SIZE,  # noqa
                                                     bits=bits))
         else:
             nbytes = w.nbytes
@@ -192,7 +193,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--quant", nargs="*", default=None, choices=list(b.QUANT_BITS),
+    p.add_argument("--quant", nargs="*", default=None, choices=list(LEVELS),
                    help="quantized runs (of the last dtype); default q8 q4, none on a CPU (see BENCHMARKS.md)")
     p.add_argument("--gen-tokens", type=int, help="for every size (default: 1024, fewer on a CPU)")
     p.add_argument("--repeats", type=int, default=2)
@@ -202,7 +203,7 @@ def main():
     say("probing the machine")
     env = b.environment()
     if args.quant is None:
-        args.quant = [] if env["backend"] == "CPU" else list(b.QUANT_BITS)
+        args.quant = [] if env["backend"] == "CPU" else list(RECIPE)
     say(json.dumps(env))
     start = time.perf_counter()
     runs = []

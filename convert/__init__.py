@@ -22,12 +22,11 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from ..chat_template import TEMPLATE_FILE, find_template
-from ..checkpoint import DTYPE_NAMES, parse_dtype
+from ..checkpoint import dtype_name, parse_dtype
 from ..errors import ElmError
-from ..load import check_tokenizer_json
-from ..tokenizer import Tokenizer, resolve_tokenizer
+from ..quant import make_plan, quantize_model, quantize_weight
+from ..tokenizer import Tokenizer, check_tokenizer_json, resolve_tokenizer
 from .average import averaged, check_averageable
-from .quantize import make_plan, quantize
 from .sources import open_source, same_architecture
 
 LAYOUTS = ("elm", "mlx-lm")
@@ -92,7 +91,7 @@ def build_weights(sources, dtype, plan=None, average=False, progress=True, desc=
         value = averaged(sources, key) if average else sources[0].read(key)
         if mx.issubdtype(value.dtype, mx.floating) and value.dtype != dtype:
             value = value.astype(dtype)
-        parts = quantize(key, value, plan) if plan is not None else {key: value}
+        parts = quantize_weight(key, value, plan) if plan is not None else {key: value}
         mx.eval(list(parts.values()))
         weights |= parts
     return weights
@@ -136,7 +135,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
         if quant is not None:
             if first.quantization is not None:
                 raise ElmError(f"{first.path} is already quantized: quantize from the unquantized checkpoint")
-            if mx_dtype == mx.float16 and cfg.model_dim >= 3072:
+            if mx_dtype == mx.float16 and not cfg.fp16_safe:
                 raise ElmError("--dtype fp16 with --quant on OpenELM-3B: its activations overflow float16; "
                                "a quantized 3B computes in bf16 (leave --dtype at bf16)")
             plan = make_plan(cfg, quant, group_size)
@@ -145,7 +144,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
         template = find_template(first.tokenizer_dir) if first.tokenizer_dir is not None else None
         if first.tokenizer_dir is not None:
             check_tokenizer_json(first.tokenizer_dir, tok)
-        name = DTYPE_NAMES[mx_dtype]
+        name = dtype_name(mx_dtype)
         with output_lock(out):
             if out.exists():
                 raise OutputExists(f"{out} already exists (another conversion wrote it meanwhile)")
@@ -159,7 +158,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
                     (tmp / TEMPLATE_FILE).write_text(template.source)
                 del weights
                 if report:
-                    _report(tmp, sources, mx_dtype, average, tok, progress)
+                    _report(tmp, sources, mx_dtype, average, plan, tok, progress)
             size = sum(f.stat().st_size for f in out.iterdir())
     finally:
         for s in sources:
@@ -186,8 +185,8 @@ def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, lay
         write_tokenizer_files(tmp)
 
 
-def _report(tmp: Path, sources, dtype, average: bool, tok: Tokenizer, progress: bool) -> None:
-    from ..load import load_model
+def _report(tmp: Path, sources, dtype, average: bool, plan, tok: Tokenizer, progress: bool) -> None:
+    """quality.json: the quantized weights just written against the same source in `dtype`."""
     from ..model import Model
     from .report import TEXT, compare, log_probs
 
@@ -200,7 +199,10 @@ def _report(tmp: Path, sources, dtype, average: bool, tok: Tokenizer, progress: 
     reference.load_weights(list(build_weights(sources, dtype, None, average, progress, "report: reference").items()))
     ref = log_probs(reference, tokens)
     del reference
-    quality = compare(ref, log_probs(load_model(tmp), tokens), tokens)
+    quantized = Model(cfg)
+    quantize_model(quantized, plan.config_entry(), plan.modules)
+    quantized.load_weights(list(mx.load(str(tmp / "model.safetensors")).items()))
+    quality = compare(ref, log_probs(quantized, tokens), tokens)
     (tmp / "quality.json").write_text(json.dumps(quality.__dict__, indent=2) + "\n")
     if progress:
         print("\n".join(quality.lines()), file=sys.stderr)

@@ -9,7 +9,7 @@ safetensors index."""
 import json
 from pathlib import Path
 
-from ..errors import ElmError
+from ..errors import ElmError, need_extra
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -29,6 +29,7 @@ def write_tokenizer_files(folder: Path) -> None:
     transformers (which mlx-lm depends on), so mlx-lm picks its SentencePiece
     streaming detokenizer."""
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    need_extra("transformers", "mlx-lm", "--to mlx-lm")
     try:
         from transformers import AutoTokenizer
         from transformers.utils import logging

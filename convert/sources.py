@@ -12,7 +12,7 @@ import mlx.core as mx
 from ..checkpoint import check_weights
 from ..config import OpenELMConfig, read_config
 from ..errors import ElmError
-from ..load import read_quantization
+from ..quant import read_quantization
 
 
 @dataclass

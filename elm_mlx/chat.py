@@ -15,19 +15,21 @@ from pathlib import Path
 from .chat_template import ChatTemplate, chat_ids
 from .context import CachedContext
 from .errors import ElmError
+from .generate import check_context
+from .sample import SamplingParams
 
 ROLES = ("system", "user", "assistant")
 
 
 class Chat:
     def __init__(self, model, tokenizer, template: ChatTemplate | None, system: str | None = None,
-                 max_tokens: int = 512, **sampling):
+                 max_tokens: int = 512, sampling: SamplingParams | None = None):
         self.tokenizer = tokenizer
         self.template = template
         self.system = system
         self.messages: list[dict] = []  # user and assistant turns; the system prompt stays apart
         self.max_tokens = max_tokens
-        self.sampling = sampling
+        self.sampling = sampling or SamplingParams()
         self.context = CachedContext(model)
         self.window = model.config.max_context_length
         self.dropped = 0  # turns dropped so far to fit the window
@@ -47,9 +49,7 @@ class Chat:
         a reply (max_tokens, but at most half the window). Returns how many were dropped."""
         message = {"role": "user", "content": text}
         alone = chat_ids(self.tokenizer, self.template, self.head() + [message])
-        if len(alone) >= self.window:
-            raise ElmError(f"that message makes a {len(alone)}-token prompt; OpenELM's context is {self.window} "
-                           "tokens: shorten it (or the system prompt)")
+        check_context(len(alone), self.window, what="that message (with the system prompt)")
         self.messages.append(message)
         budget = self.window - min(self.max_tokens, self.window // 2)
         dropped = 0
@@ -66,7 +66,7 @@ class Chat:
         the stream early keeps the partial reply: the history and the cache agree either way."""
         parts = []
         try:
-            for r in self.context.stream(self.tokenizer, self.prompt_ids(), self.max_tokens, **self.sampling):
+            for r in self.context.stream(self.tokenizer, self.prompt_ids(), self.max_tokens, sampling=self.sampling):
                 parts.append(r.text)
                 self.last = r
                 yield r

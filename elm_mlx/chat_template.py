@@ -80,12 +80,18 @@ def encode_chat(tokenizer, text: str) -> list[int]:
     return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id] + ids
 
 
-def chat_ids(tokenizer, template: ChatTemplate | None, messages: list[dict]) -> list[int]:
+def chat_text(template: ChatTemplate | None, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    if template is None:
+        return "".join(m["content"] for m in messages)
+    return template.render(messages, add_generation_prompt)
+
+
+def chat_ids(tokenizer, template: ChatTemplate | None, messages: list[dict],
+             add_generation_prompt: bool = True) -> list[int]:
     """The prompt for `messages`, ending where the assistant's reply begins. Without a
     template (base models, --no-chat-template) the contents are read as typed, one after another."""
-    if template is None:
-        return tokenizer.encode("".join(m["content"] for m in messages))
-    return encode_chat(tokenizer, template.render(messages))
+    text = chat_text(template, messages, add_generation_prompt)
+    return tokenizer.encode(text) if template is None else encode_chat(tokenizer, text)
 
 
 def says_instruct(name: str) -> bool:

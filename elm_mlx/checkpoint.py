@@ -12,26 +12,33 @@ import mlx.core as mx
 
 from .config import OpenELMConfig
 from .errors import ElmError
+from .quant import GROUP_SIZES, STORED_BITS, module_params
 
-DTYPES = {
-    "float32": mx.float32, "fp32": mx.float32,
-    "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
-    "float16": mx.float16, "fp16": mx.float16,
-}
-DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+# The float dtypes: (flag name, the name config.json / transformers use, MLX dtype).
+DTYPES = [("bf16", "bfloat16", mx.bfloat16), ("fp16", "float16", mx.float16), ("fp32", "float32", mx.float32)]
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U32": 4, "BOOL": 1}
 _FLOATS = {"F32", "F16", "BF16"}
-QUANT_BITS = (2, 3, 4, 5, 6, 8)
-QUANT_GROUPS = (32, 64, 128)
 INDEX = "model.safetensors.index.json"
 
 
 def parse_dtype(name: str | None, flag: str = "--dtype"):
+    """'bf16' or 'bfloat16' -> mx.bfloat16; None stays None."""
     if name is None:
         return None
-    if name not in DTYPES:
-        raise ElmError(f"{flag} {name!r}: expected one of bf16, fp16, fp32")
-    return DTYPES[name]
+    for short, long, dtype in DTYPES:
+        if name in (short, long):
+            return dtype
+    raise ElmError(f"{flag} {name!r}: expected one of {', '.join(short for short, _, _ in DTYPES)}")
+
+
+def dtype_label(dtype) -> str:
+    """mx.bfloat16 -> 'bf16' (what the CLI and benchmarks print)."""
+    return next((short for short, _, d in DTYPES if d == dtype), str(dtype))
+
+
+def dtype_name(dtype) -> str:
+    """mx.bfloat16 -> 'bfloat16' (what config.json's torch_dtype says)."""
+    return next((long for _, long, d in DTYPES if d == dtype), str(dtype))
 
 
 def weight_files(folder: Path) -> list:
@@ -85,22 +92,14 @@ def read_header(path: Path) -> dict:
     return tensors
 
 
-def quant_params(quantization: dict, module: str) -> tuple:
-    """(bits, group_size) of one module in mlx-lm's "quantization" config entry:
-    a per-module override if there is one, else the top-level default."""
-    q = quantization.get(module)
-    q = q if isinstance(q, dict) else quantization
-    return q.get("bits"), q.get("group_size")
-
-
 def _quantized(key: str, shape: tuple, quantization: dict, source: str) -> dict:
     """The stored tensors of one quantized module: packed uint32 weight, scales, biases."""
     module = key.removesuffix(".weight")
-    bits, group = quant_params(quantization, module)
+    bits, group = module_params(quantization, module)
     out, inp = shape
-    if bits not in QUANT_BITS or group not in QUANT_GROUPS or inp % group or inp * bits % 32:
+    if bits not in STORED_BITS or group not in GROUP_SIZES or inp % group or inp * bits % 32:
         raise ElmError(f"{source}: quantization of {module} is bits={bits!r}, group_size={group!r}; expected "
-                       f"bits in {QUANT_BITS} and a group_size in {QUANT_GROUPS} dividing its {inp} inputs")
+                       f"bits in {STORED_BITS} and a group_size in {GROUP_SIZES} dividing its {inp} inputs")
     packed = {key: ((out, inp * bits // 32), {"U32"})}
     packed |= {f"{module}.{part}": ((out, inp // group), _FLOATS) for part in ("scales", "biases")}
     return packed

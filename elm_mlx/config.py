@@ -59,6 +59,28 @@ def preset_name(name: str) -> str | None:
     return size + ("-Instruct" if m.group(2) else "")
 
 
+def nearest_preset(name: str) -> str | None:
+    """The preset a near miss meant ('1.1b-instuct' -> '1_1B-Instruct'), or None."""
+    import difflib
+
+    lower = {p.lower(): p for p in PRESETS}
+    key = name.lower().removeprefix("apple/").removeprefix("openelm-").replace(".", "_")
+    close = difflib.get_close_matches(key, lower, n=1, cutoff=0.6)
+    return lower[close[0]] if close else None
+
+
+def models_table() -> str:
+    """`elm-mlx models`: the presets with hub id, exact parameter count, layers, bf16 size, KV cache at 2048."""
+    lines = [f"{'preset':<15}{'hub id':<30}{'parameters':>15}{'layers':>8}{'bf16 GB':>9}{'KV@2048 MiB':>13}"]
+    for name in PRESETS:
+        cfg = OpenELMConfig.from_preset(name)
+        n = cfg.num_parameters()
+        kv = cfg.kv_bytes_per_token() * cfg.max_context_length / 2**20
+        lines.append(f"{name:<15}{'apple/OpenELM-' + name:<30}{n:>15,}{cfg.num_transformer_layers:>8}"
+                     f"{n * 2 / 1e9:>9.2f}{kv:>13.1f}")
+    return "\n".join(lines)
+
+
 @dataclass
 class OpenELMConfig:
     num_transformer_layers: int
@@ -81,7 +103,9 @@ class OpenELMConfig:
     def from_preset(cls, name: str) -> "OpenELMConfig":
         canonical = preset_name(name)
         if canonical is None:
-            raise ElmError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+            near = nearest_preset(name)
+            raise ElmError(f"unknown preset {name!r}: " + (f"did you mean {near}?" if near else
+                                                            f"expected one of {', '.join(PRESETS)}"))
         layers, dim, head_dim = SIZES[canonical.split("-")[0]]
         q_heads = []
         for alpha in _interpolate(*QKV_MULTIPLIERS, layers):
@@ -160,6 +184,11 @@ class OpenELMConfig:
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(s)) for s in self.weight_shapes().values())
+
+    @property
+    def fp16_safe(self) -> bool:
+        """False for the 3B (model_dim 3072): its activations overflow float16, so it runs in bf16 or fp32."""
+        return self.model_dim < 3072
 
     def kv_bytes_per_token(self, itemsize: int = 2) -> int:
         return 2 * self.head_dim * sum(self.num_kv_heads) * itemsize

@@ -3,8 +3,7 @@ same way (a chat's history, a client re-sending its conversation) reads only
 what is new."""
 
 from .cache import make_cache
-from .errors import ElmError
-from .generate import stream_generate
+from .generate import check_context, stream_generate
 
 
 def common_prefix(a: list, b: list) -> int:
@@ -29,21 +28,18 @@ class CachedContext:
             c.trim(max(0, c.offset - n))
         self.ids = self.ids[:n]
 
-    def stream(self, tokenizer, ids: list[int], max_tokens: int, **sampling):
+    def stream(self, tokenizer, ids: list[int], max_tokens: int, **kwargs):
         """stream_generate() over the prompt `ids`, reading only what follows the longest
         prefix already cached. Afterwards (finished, closed early or interrupted) the cache
         holds the prompt and the tokens yielded, and `ids` says so."""
-        limit = self.model.config.max_context_length
-        if len(ids) >= limit:
-            raise ElmError(f"the prompt is {len(ids)} tokens; OpenELM's context is {limit} tokens "
-                           "and a reply needs at least one more")
+        check_context(len(ids), self.model.config.max_context_length)
         # The last prompt token is always read again: its logits pick the first new token.
         self.reused = n = min(common_prefix(self.ids, ids), len(ids) - 1)
         self.keep(n)
         tokens = []
         try:
             for r in stream_generate(self.model, tokenizer, ids[n:], max_tokens, cache=self.cache,
-                                     context=ids[:n], **sampling):
+                                     context=ids[:n], **kwargs):
                 tokens.append(r.token)
                 yield r
         finally:

@@ -3,13 +3,13 @@ with the next step queued (mx.async_eval) before the current token is handed
 to Python."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
 from .cache import make_cache
-from .errors import ElmError
-from .sample import SequenceSampler, check_sampling
+from .errors import ElmError, check_max_tokens
+from .sample import SamplingParams, SequenceSampler
 
 
 @dataclass
@@ -24,12 +24,27 @@ class GenerationResponse:
     finish_reason: str | None  # "stop" (EOS), "length" (max_tokens or context), else None
 
 
-def encode_prompt(tokenizer, prompt, room: int, max_context: int) -> list:
+class ContextError(ElmError):
+    """A prompt that leaves no room in the context window for the tokens to generate."""
+
+    def __init__(self, prompt_tokens: int, window: int, cached: int = 0, what: str = "the prompt", new_tokens: int = 1):
+        used = f" after {cached} cached tokens" if cached else ""
+        need = "at least one more" if new_tokens == 1 else f"{new_tokens} more"
+        super().__init__(f"{what} is {prompt_tokens} tokens{used}; OpenELM's context is {window} tokens "
+                         f"and generation needs {need}: shorten it")
+        self.prompt_tokens, self.window, self.cached = prompt_tokens, window, cached
+
+
+def check_context(prompt_tokens: int, window: int, cached: int = 0, what: str = "the prompt",
+                  new_tokens: int = 1) -> None:
+    """The one check of a prompt against the context window (API, chat, server, bench)."""
+    if cached + prompt_tokens + new_tokens > window:
+        raise ContextError(prompt_tokens, window, cached, what, new_tokens)
+
+
+def encode_prompt(tokenizer, prompt, cached: int, window: int) -> list:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if len(ids) >= room:
-        used = f" after {max_context - room} cached tokens" if room < max_context else ""
-        raise ElmError(f"the prompt is {len(ids)} tokens{used}; OpenELM's context is {max_context} tokens "
-                       "and generation needs at least one more: shorten the prompt")
+    check_context(len(ids), window, cached)
     return ids
 
 
@@ -38,7 +53,9 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
                     context=()):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
-    penalty counts as it would without a cache. Validation is the caller's."""
+    penalty counts as it would without a cache. Validation is the caller's.
+    The draws come from the sequence's own random key (see sample.py), as in
+    the server's batches."""
     sampler = SequenceSampler(model.config.vocab_size, list(context) + list(prompt_ids), temp=temp, top_k=top_k,
                               top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                               frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
@@ -56,27 +73,29 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
         y = next_y
 
 
-def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(), **sampling):
+def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(),
+                    sampling: SamplingParams | None = None, **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
+    Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
+    (temp=0.7, top_p=0.9, repetition_penalty=1.2, seed=0, ...); greedy by default.
     With `cache` (from make_cache, possibly holding earlier turns) the prompt
     continues what the cache holds, and the cache keeps the new context; the
     repetition penalty then sees this prompt, its output and `context` (pass
     the ids the cache holds to penalize them too)."""
-    check_sampling(**{k: v for k, v in sampling.items() if k != "seed"})
-    if max_tokens < 0:
-        raise ElmError(f"--max-tokens {max_tokens}: expected >= 0")
-    max_context = model.config.max_context_length
+    sampling = sampling or SamplingParams(**sampling_args)
+    max_tokens = check_max_tokens(max_tokens)
+    window = model.config.max_context_length
     cached = cache[0].offset if cache else 0
-    ids = encode_prompt(tokenizer, prompt, max_context - cached, max_context)
-    max_tokens = min(max_tokens, max_context - cached - len(ids))
+    ids = encode_prompt(tokenizer, prompt, cached, window)
+    max_tokens = min(max_tokens, window - cached - len(ids))
     if max_tokens == 0:
         return
     detok = tokenizer.detokenizer(continuation=cached > 0 or any(t != tokenizer.bos_id for t in ids))
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    for n, token in enumerate(generate_tokens(model, ids, cache=cache, context=context, **sampling), start=1):
+    for n, token in enumerate(generate_tokens(model, ids, cache=cache, context=context, **asdict(sampling)), start=1):
         now = time.perf_counter()
         if n == 1:
             first, prompt_tps = now, len(ids) / (now - tic)
@@ -92,6 +111,24 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
             break
 
 
-def generate(model, tokenizer, prompt, max_tokens: int = 256, **sampling) -> str:
-    """The continuation of `prompt` (not the prompt itself)."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **sampling))
+def generate(model, tokenizer, prompt, max_tokens: int = 256, *, verbose: bool = False, **kwargs) -> str:
+    """The continuation of `prompt` (not the prompt itself). verbose: print the
+    text as it streams and a stats line after it, as mlx_lm.generate does."""
+    parts, last = [], None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        parts.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose:
+        print()
+        print("=" * 10)
+        if last is not None:
+            print(stats_line(last))
+    return "".join(parts)
+
+
+def stats_line(r: GenerationResponse) -> str:
+    """The speed summary the CLI prints after a generation."""
+    return (f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
+            f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
+            f"peak memory: {r.peak_memory_gb:.2f} GB")

@@ -7,8 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from .checkpoint import DTYPE_NAMES, parse_dtype
-from .config import PRESETS, preset_name
+from .checkpoint import dtype_name, parse_dtype
+from .config import PRESETS, nearest_preset, preset_name
 from .errors import ElmError
 
 # What an OpenELM repo needs; Apple's also hold remote code we never run.
@@ -50,19 +50,32 @@ def download(repo: str) -> Path:
         raise ElmError(f"downloading {repo} failed: {e}") from None
 
 
+def locate(name: str, what: str = "--model") -> tuple[Path, str | None]:
+    """(local path, hub repo it came from or None) for a folder or file, a preset or a hub id.
+    Something written as a path (./x, /x, ~/x, a/b/c) is never taken for a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path, None
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    repo = None if looks_like_path else repo_id(name)
+    if repo is None:
+        if looks_like_path:
+            raise ElmError(f"{what} {name}: no such file or folder")
+        near = nearest_preset(name)
+        raise ElmError(f"{what} {name!r} is not a folder, a preset or a hub id (org/name): "
+                       + (f"did you mean {near}?" if near else f"presets are {', '.join(PRESETS)}"))
+    return download(repo), repo
+
+
 def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ElmError(f"--model {name}: a model is a folder (config.json + safetensors), not a file")
         return path
-    repo = repo_id(name)
-    if repo is None:
-        raise ElmError(f"--model {name!r} is not a folder, a preset ({', '.join(PRESETS)}) "
-                       "or a hub id (org/name)")
     # Parsed before a download of gigabytes; one cache entry per dtype, whatever its spelling.
-    dtype = DTYPE_NAMES[parse_dtype(dtype or "bf16")]
-    snapshot = download(repo)
+    dtype = dtype_name(parse_dtype(dtype or "bf16"))
+    snapshot, repo = locate(name)
     target = cache_root() / repo.replace("/", "--") / f"{snapshot.name[:12]}-{dtype}"
     if not target.exists():
         from .convert import convert

@@ -104,3 +104,8 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.transformer.layers
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype (that of the float weights; quantized layers keep scales in it)."""
+        return self.transformer.norm.weight.dtype

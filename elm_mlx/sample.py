@@ -7,24 +7,56 @@ per token (`SequenceSampler`), never from MLX's global generator: a sequence
 then gets the same tokens for the same seed whether it runs alone
 (`generate_tokens`) or batched beside others (`elm_mlx.batch`)."""
 
+import math
+from dataclasses import dataclass
+
 import mlx.core as mx
 
-from .errors import ElmError
+from .errors import ArgumentError
 
 
-def check_sampling(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, frequency_penalty=0.0,
-                   presence_penalty=0.0):
-    for ok, flag, value, want in [
-        (temp >= 0, "--temp", temp, ">= 0 (0 means greedy)"),
-        (top_k >= 0, "--top-k", top_k, ">= 0 (0 means off)"),
-        (0 < top_p <= 1, "--top-p", top_p, "in (0, 1] (1 means off)"),
-        (0 <= min_p < 1, "--min-p", min_p, "in [0, 1) (0 means off)"),
-        (repetition_penalty > 0, "--repetition-penalty", repetition_penalty, "> 0 (1 means off; Apple suggests 1.2)"),
-        (-2 <= frequency_penalty <= 2, "--frequency-penalty", frequency_penalty, "in [-2, 2] (0 means off)"),
-        (-2 <= presence_penalty <= 2, "--presence-penalty", presence_penalty, "in [-2, 2] (0 means off)"),
-    ]:
-        if not ok:
-            raise ElmError(f"{flag} {value}: expected {want}")
+SEED_LIMIT = 2**64  # what mx.random.seed takes
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is drawn, validated once here for every front end
+    (the API, the CLI, the server). temp 0 is greedy; 0 / 1 turn the others off."""
+
+    temp: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name, ok, want in [
+            ("temp", _number(self.temp) and 0 <= self.temp <= 2, "a number in [0, 2] (0 means greedy)"),
+            ("top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 means off)"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 means off)"),
+            ("min_p", _number(self.min_p) and 0 <= self.min_p < 1, "a number in [0, 1) (0 means off)"),
+            ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a number > 0 (1 means off; Apple suggests 1.2)"),
+            ("frequency_penalty", _number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2] (0 means off)"),
+            ("presence_penalty", _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2] (0 means off)"),
+            ("seed", self.seed is None or (_integer(self.seed) and 0 <= self.seed < SEED_LIMIT),
+             f"an integer from 0 to {SEED_LIMIT - 1}"),
+        ]:
+            if not ok:
+                raise ArgumentError(name, getattr(self, name), want)
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return (_integer(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def make_filter(temp, top_k=0, top_p=1.0, min_p=0.0):

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -39,7 +39,9 @@ from starlette.routing import Route
 
 from .batch import MAX_TOP_LOGPROBS, BatchEngine
 from .chat_template import ChatTemplate, chat_ids
-from .errors import ElmError
+from .errors import ArgumentError, ElmError
+from .generate import ContextError, check_context
+from .sample import SamplingParams
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's handler and format
 
@@ -91,32 +93,33 @@ def get(body: dict, name: str, kind: str, default=None, ok=lambda v: True, want:
 
 @dataclass
 class Defaults:
-    """Sampling for requests that leave a parameter out: the command line's."""
+    """For requests that leave a parameter out: the command line's."""
     max_tokens: int
-    temp: float
-    top_p: float
-    top_k: int
-    min_p: float
-    repetition_penalty: float
+    sampling: SamplingParams
 
 
-def read_sampling(body: dict, d: Defaults) -> tuple[int, dict, list[str]]:
+# The API's names for SamplingParams' fields (the others are the same, as extensions).
+OPENAI_NAMES = {"temp": "temperature"}
+
+
+def read_sampling(body: dict, d: Defaults) -> tuple[int, SamplingParams, list[str]]:
     get(body, "n", "integer", 1, lambda v: v == 1, "1 (one choice per request)")
     at_least_one = dict(ok=lambda v: v >= 1, want="an integer >= 1")
     max_tokens = get(body, "max_completion_tokens", "integer", None, **at_least_one)  # the newer name
     max_tokens = get(body, "max_tokens", "integer", max_tokens or d.max_tokens, **at_least_one)
-    sampling = dict(
-        temp=get(body, "temperature", "number", d.temp, lambda v: 0 <= v <= 2, "a number in [0, 2]"),
-        top_p=get(body, "top_p", "number", d.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        top_k=get(body, "top_k", "integer", d.top_k, lambda v: v >= 0, "an integer >= 0 (0 is off)"),
-        min_p=get(body, "min_p", "number", d.min_p, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        repetition_penalty=get(body, "repetition_penalty", "number", d.repetition_penalty, lambda v: v > 0,
-                               "a number > 0 (1 is off)"),
-        frequency_penalty=get(body, "frequency_penalty", "number", 0.0, lambda v: -2 <= v <= 2,
-                              "a number in [-2, 2]"),
-        presence_penalty=get(body, "presence_penalty", "number", 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
-        seed=get(body, "seed", "integer", None, lambda v: 0 <= v < 2**63, "an integer >= 0"),
-    )
+    given = {}
+    for name in asdict(d.sampling):
+        param = OPENAI_NAMES.get(name, name)
+        kind = "integer" if name in ("top_k", "seed") else "number"
+        value = get(body, param, kind)
+        if value is not None:
+            given[name] = value
+    try:
+        sampling = replace(d.sampling, **given)
+    except ArgumentError as e:
+        param = OPENAI_NAMES.get(e.name, e.name)
+        raise ApiError(400, f"Invalid value for '{param}': {json.dumps(e.value)}. Expected {e.want}.", param,
+                       "invalid_value") from None
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
@@ -260,7 +263,7 @@ class Job:
     name: str  # e.g. "chat.completion chatcmpl-1a2b", for the log
     ids: list
     max_tokens: int
-    sampling: dict
+    sampling: SamplingParams
     stop: list
     loop: asyncio.AbstractEventLoop
     chat: bool = True  # a chat reply drops the first piece's SentencePiece space; a completion keeps it
@@ -377,7 +380,7 @@ class Worker:
                 continue
             try:
                 job.seq = self.engine.add(job.ids, job.max_tokens, eos_id=self.tokenizer.eos_id,
-                                          logprobs=job.logprobs, **job.sampling)
+                                          logprobs=job.logprobs, **asdict(job.sampling))
             except ElmError as e:
                 job.emit("error", str(e))
                 continue
@@ -574,10 +577,12 @@ class Api:
         stream = get(body, "stream", "boolean", False)
         options = get(body, "stream_options", "object", {})
         include_usage = get(options, "include_usage", "boolean", False)
-        if len(ids) >= self.window:
+        try:
+            check_context(len(ids), self.window)
+        except ContextError:
             raise ApiError(400, f"This model's maximum context length is {self.window} tokens. However, your "
                            f"{param} resulted in {len(ids)} tokens, and a reply needs at least one more.",
-                           param, "context_length_exceeded")
+                           param, "context_length_exceeded") from None
         if self.worker.stopping:
             raise ApiError(503, "the server is shutting down", kind="server_error")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"

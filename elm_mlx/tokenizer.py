@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,28 @@ class Tokenizer:
         self.eos_id: int = self._sp.eos_id()
         self.vocab_size: int = self._sp.vocab_size()
         self._table: tuple[list[bytes], frozenset[int]] | None = None
+        # An -Instruct model's ChatTemplate (set by load()); None for base models.
+        self.chat_template = None
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.bos_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_id
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = True):
+        """As transformers' (and so mlx-lm's): the prompt for `messages` in the
+        model's chat template, as the ids `elm-mlx generate` and `chat` feed the
+        model (tokenize=True) or as text. Without a template the contents are
+        read as typed, one after another."""
+        from .chat_template import chat_ids, chat_text
+
+        if tokenize:
+            return chat_ids(self, self.chat_template, messages, add_generation_prompt)
+        return chat_text(self.chat_template, messages, add_generation_prompt)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         return self._sp.encode(text, add_bos=add_bos)
@@ -173,3 +196,21 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
 
 def load_tokenizer(model_dir: Path | None, explicit: str | Path | None = None) -> Tokenizer:
     return Tokenizer(resolve_tokenizer(model_dir, explicit))
+
+
+def check_tokenizer_json(folder: Path, tok) -> None:
+    """mlx-lm folders written with recent transformers carry tokenizer.json and
+    no tokenizer.model; the SentencePiece model then comes from --tokenizer or
+    the hub copy, and must be the one tokenizer.json describes."""
+    path = Path(folder) / "tokenizer.json"
+    if (Path(folder) / "tokenizer.model").exists() or not path.exists():
+        return
+    try:
+        vocab = json.loads(path.read_text())["model"]["vocab"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)") from None
+    pieces = tok.pieces()
+    differ = [p for p, i in vocab.items() if not (0 <= i < len(pieces) and pieces[i] == p)]
+    if differ or len(vocab) != len(pieces):
+        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {differ[:1] or len(vocab)!r}): "
+                       "this model was trained with another vocabulary; pass its tokenizer.model with --tokenizer")

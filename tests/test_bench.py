@@ -112,21 +112,31 @@ def test_untied_head_reads_only_one_embedding_row():
     assert b.weight_bytes_per_token(model) == 4 * cfg.num_parameters() - emb + 4 * cfg.model_dim
 
 
-@pytest.mark.parametrize("quant,bits", [("q8", 8), ("q4", 4)])
+@pytest.mark.parametrize("quant,bits", [("q8-uniform", 8), ("q4-uniform", 4)])
 def test_quantized_bytes_count_packed_weights_scales_and_biases(quant, bits):
     model = b.quantize(tiny_model(mx.bfloat16), quant)
     cfg = model.config
     paths = b.quantized_paths(model)
     assert set(paths.values()) == {(bits, 64)} and "transformer.token_embeddings" in paths
-    assert b.quant_label(model) == quant
+    assert b.quant_label(model) == f"q{bits}"
     matrices = {k: v for k, v in cfg.weight_shapes().items() if len(v) == 2}
     norms = sum(int(np.prod(s)) for k, s in cfg.weight_shapes().items() if len(s) == 1)
     packed = sum(r * c * bits // 8 + 2 * (r * c // 64) * 2 for r, c in matrices.values())  # + bf16 scales, biases
     row = cfg.model_dim * bits // 8 + 2 * (cfg.model_dim // 64) * 2
     assert b.weight_bytes_per_token(model) == packed + 2 * norms + row
     assert b.quantize(model, quant) is model  # already quantized: left alone
-    with pytest.raises(ElmError, match=f"already quantized \\({quant}\\)"):
-        b.quantize(model, "q8" if bits == 4 else "q4")
+    with pytest.raises(ElmError, match=f"already quantized \\(q{bits}\\)"):
+        b.quantize(model, "q8-uniform" if bits == 4 else "q4-uniform")
+
+
+@pytest.mark.parametrize("quant", ["q4", "q8"])
+def test_bench_quantizes_by_the_recipe_convert_stores(quant):
+    """`bench --quant q4` measures what `convert --quant q4` writes: the same plan."""
+    from elm_mlx.quant import make_plan
+
+    model = b.quantize(tiny_model(mx.bfloat16), quant)
+    plan = make_plan(model.config, quant)
+    assert {p: bits for p, (bits, _) in b.quantized_paths(model).items()} == plan.modules
 
 
 # ---------------------------------------------------------------- engines
@@ -239,13 +249,14 @@ def test_compare_pp_tg_writes_both_engines_and_ratios(tiny_folder, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method", "fast"], "--method 'fast': expected one of paper, pp-tg"),
-    (["--quant", "q3"], "--quant 'q3': expected one of q8, q4"),
-    (["--compare", "llama.cpp"], "--compare 'llama.cpp': expected mlx-lm"),
+    (["--method", "fast"], "Invalid value for '--method': Value error, 'fast' is not one of 'paper', 'pp-tg'"),
+    (["--quant", "q3"], "'q3' is not one of 'q4', 'q8', 'q4-uniform', 'q8-uniform'"),
+    (["--compare", "llama.cpp"], "Invalid value for '--compare': Value error, 'llama.cpp' is not one of 'mlx-lm'"),
     (["--prompt-tokens", "10"], "the paper method's prompt is fixed"),
-    (["--gen-tokens", "0"], "--gen-tokens 0: expected >= 1"),
-    (["--gen-tokens", "2040"], "exceed OpenELM's 2048-token context"),
-    (["--dtype", "int8"], "--dtype 'int8'"),
+    (["--gen-tokens", "0"], "Invalid value for '--gen-tokens'"),
+    (["--gen-tokens", "2040"], "the paper method's prompt is 36 tokens; OpenELM's context is 2048 tokens and "
+                               "generation needs 2040 more"),
+    (["--dtype", "int8"], "Invalid value for '--dtype': Value error, 'int8' is not one of"),
 ])
 def test_bad_flags_say_what_is_wrong(tiny_folder, args, message):
     r = runner.invoke(app, ["bench", "--model", str(tiny_folder), "--random-weights", *args])

@@ -20,10 +20,11 @@ from engine import TINY_32K, build
 from elm_mlx import ElmError, stream_generate
 from elm_mlx.chat import Chat
 from elm_mlx.chat_template import OPENELM_TEMPLATE, ChatTemplate, chat_ids
+from elm_mlx.sample import SamplingParams
 from elm_mlx.tokenizer import Tokenizer
 
 APPLE = ChatTemplate(OPENELM_TEMPLATE, "OpenELM-Instruct")
-GREEDY = dict(temp=0.0, repetition_penalty=1.2)  # the penalty must see the whole conversation, cached or not
+GREEDY = SamplingParams(temp=0.0, repetition_penalty=1.2)  # the penalty must see the whole conversation, cached or not
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,12 @@ def assert_cache_matches_a_fresh_forward(model, chat):
 
 
 def test_replies_equal_generation_without_a_cache(model, tok):
-    chat = Chat(model, tok, APPLE, system="Be brief.", max_tokens=12, **GREEDY)
+    chat = Chat(model, tok, APPLE, system="Be brief.", max_tokens=12, sampling=GREEDY)
     for text in ["Hello there", "And then?", "Thanks"]:
         chat.add_user(text)
         prompt = chat.prompt_ids()
         replies = list(chat.reply())
-        fresh = list(stream_generate(model, tok, prompt, 12, **GREEDY))
+        fresh = list(stream_generate(model, tok, prompt, 12, sampling=GREEDY))
         assert [r.token for r in replies] == [r.token for r in fresh]
         assert chat.messages[-1] == {"role": "assistant", "content": "".join(r.text for r in fresh)}
         # The cache holds the prompt it was given and every token of the reply.
@@ -68,7 +69,7 @@ def test_replies_equal_generation_without_a_cache(model, tok):
 
 
 def test_a_turn_reads_only_what_the_cache_lacks(model, tok):
-    chat = Chat(model, tok, APPLE, max_tokens=10, **GREEDY)
+    chat = Chat(model, tok, APPLE, max_tokens=10, sampling=GREEDY)
     say(chat, "Hello there")
     first_prompt = chat_ids(tok, APPLE, chat.messages[:1])
     say(chat, "Tell me more")
@@ -79,7 +80,7 @@ def test_a_turn_reads_only_what_the_cache_lacks(model, tok):
 
 
 def test_a_reply_closed_early_stays_in_the_history(model, tok):
-    chat = Chat(model, tok, APPLE, max_tokens=50, **GREEDY)
+    chat = Chat(model, tok, APPLE, max_tokens=50, sampling=GREEDY)
     chat.add_user("Tell me a long story")
     prompt = chat.prompt_ids()
     with closing(chat.reply()) as stream:  # what Ctrl-C does in the REPL
@@ -92,13 +93,13 @@ def test_a_reply_closed_early_stays_in_the_history(model, tok):
 
 
 def test_reset_and_a_new_system_prompt_reuse_what_still_matches(model, tok):
-    chat = Chat(model, tok, APPLE, max_tokens=6, **GREEDY)
+    chat = Chat(model, tok, APPLE, max_tokens=6, sampling=GREEDY)
     say(chat, "Hello")
     chat.reset()
     assert chat.messages == []
     tokens = say(chat, "Hello")
     assert tokens == [r.token for r in stream_generate(model, tok, chat_ids(tok, APPLE, chat.messages[:1]), 6,
-                                                       **GREEDY)]
+                                                       sampling=GREEDY)]
     chat.system = "You are a pirate."
     say(chat, "Ahoy")
     assert chat.conversation()[0] == {"role": "system", "content": "You are a pirate."}
@@ -113,7 +114,7 @@ def short_model():
 
 def test_oldest_turns_are_dropped_to_fit_the_window(short_model, tok):
     model = short_model
-    chat = Chat(model, tok, APPLE, max_tokens=8, **GREEDY)
+    chat = Chat(model, tok, APPLE, max_tokens=8, sampling=GREEDY)
     long = "word " * 70  # ~90 tokens a turn with the template and reply: the third overflows 256 - 8
     dropped = []
     for i in range(5):
@@ -128,21 +129,22 @@ def test_oldest_turns_are_dropped_to_fit_the_window(short_model, tok):
 
 
 def test_a_message_too_long_for_the_window_is_refused(short_model, tok):
-    chat = Chat(short_model, tok, APPLE, max_tokens=8, **GREEDY)
+    chat = Chat(short_model, tok, APPLE, max_tokens=8, sampling=GREEDY)
     say(chat, "Hi")
     before = list(chat.messages)
-    with pytest.raises(ElmError, match=r"that message makes a \d+-token prompt; OpenELM's context is 256"):
+    with pytest.raises(ElmError, match=r"that message \(with the system prompt\) is \d+ tokens; "
+                                       r"OpenELM's context is 256"):
         chat.add_user("word " * 260)
     assert chat.messages == before
 
 
 def test_save_and_load_round_trip(model, tok, tmp_path):
-    chat = Chat(model, tok, APPLE, system="Be kind.", max_tokens=5, **GREEDY)
+    chat = Chat(model, tok, APPLE, system="Be kind.", max_tokens=5, sampling=GREEDY)
     say(chat, "Hello")
     chat.save(tmp_path / "c.json")
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved == chat.conversation()
-    other = Chat(model, tok, APPLE, max_tokens=5, **GREEDY)
+    other = Chat(model, tok, APPLE, max_tokens=5, sampling=GREEDY)
     other.load(tmp_path / "c.json")
     assert other.conversation() == chat.conversation() and other.prompt_ids() == chat.prompt_ids()
     for bad, message in [('{"role": "user"}', "expected a JSON list"), ('[{"role": "robot", "content": "x"}]',
@@ -232,7 +234,7 @@ def test_the_repl_says_when_turns_are_dropped(short_model, tok):
 
     from elm_mlx.chat import say as repl_say
 
-    chat, out = Chat(short_model, tok, APPLE, max_tokens=8, **GREEDY), StringIO()
+    chat, out = Chat(short_model, tok, APPLE, max_tokens=8, sampling=GREEDY), StringIO()
     for i in range(3):
         repl_say(chat, f"{i} " + "word " * 70, out)
     assert out.getvalue().count("(dropped the 1 oldest turn to fit OpenELM's 256-token context)") == 1
@@ -251,12 +253,12 @@ def test_chat_and_serve_commands_check_their_flags(folder):
         taken.listen()
         port = str(taken.getsockname()[1])
         for args, message in [
-            (["chat", "--temp", "-1"], "error: --temp -1.0: expected >= 0"),
-            (["chat", "-m", "0"], "error: --max-tokens 0: expected >= 1"),
+            (["chat", "--temp", "-1"], "error: --temp -1.0: expected a number in [0, 2]"),
+            (["chat", "-m", "0"], "Invalid value for '--max-tokens' / '-m': Input should be greater than or equal to 1"),
             (["chat", "--chat-template", "t.jinja", "--no-chat-template"], "contradict each other"),
-            (["serve", "--port", "70000"], "error: --port 70000: expected 0 to 65535"),
+            (["serve", "--port", "70000"], "Invalid value for '--port'"),
             (["serve", "--port", port], f"error: --host 127.0.0.1 --port {port}: cannot listen there"),
-            (["serve", "--top-p", "0"], "error: --top-p 0.0: expected in (0, 1]"),
+            (["serve", "--top-p", "0"], "error: --top-p 0.0: expected a number in (0, 1]"),
         ]:
             r = runner.invoke(app, [args[0], "-M", str(folder), *args[1:]])
             assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr + r.stdout

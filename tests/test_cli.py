@@ -52,9 +52,12 @@ def test_prompt_from_stdin(with_tokenizer):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "no/such/dir/x"], "error: --model 'no/such/dir/x' is not a folder, a preset"),
-    (["--dtype", "int4"], "error: --dtype 'int4': expected one of bf16, fp16, fp32"),
-    (["--temp", "-1"], "error: --temp -1.0: expected >= 0"),
+    (["--model", "no/such/dir/x"], "error: --model no/such/dir/x: no such file or folder"),
+    (["--model", "1.1b-instuct"], "did you mean 1_1B-Instruct?"),
+    (["--dtype", "int4"], "Invalid value for '--dtype': Value error, 'int4' is not one of 'bf16', 'fp16', 'fp32'"),
+    (["--temp", "-1"], "error: --temp -1.0: expected a number in [0, 2]"),
+    (["--seed", "-1"], "error: --seed -1: expected an integer from 0 to"),
+    (["--seed", str(2**64)], f"error: --seed {2**64}: expected an integer from 0 to"),
     (["--tokenizer", "/nonexistent/tokenizer.model"], "/nonexistent/tokenizer.model"),
 ])
 def test_bad_flags_say_what_is_wrong_without_a_traceback(with_tokenizer, args, message):
@@ -84,3 +87,27 @@ def test_console_script_is_installed():
     assert exe.exists(), f"{exe} missing: install the package (pip install -e .)"
     out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "generate" in out.stdout and "convert" in out.stdout
+
+
+def test_version():
+    from elm_mlx import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"elm-mlx {__version__}"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench", "convert"])
+def test_help_at_80_columns_shows_every_flag_whole(command):
+    """Every option the command declares appears in full in -h at 80 columns, with no
+    negated twin of a flag that is already a negation (`--no-no-chat-template`)."""
+    import click
+    import typer.main
+
+    r = runner.invoke(app, [command, "-h"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert r.exit_code == 0 and "--no-no-" not in r.stdout and "…" not in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+    cmd = typer.main.get_command(app).commands[command]
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            for flag in param.opts:
+                assert flag in r.stdout, flag

@@ -147,14 +147,18 @@ def test_generation_stops_at_the_context_end(model, tok):
 
 
 @pytest.mark.parametrize("kw,message", [
-    (dict(temp=-1), "--temp -1: expected >= 0"),
-    (dict(top_p=0), "--top-p 0: expected in \\(0, 1\\]"),
-    (dict(top_k=-3), "--top-k -3: expected >= 0"),
-    (dict(min_p=1.0), "--min-p 1.0: expected in \\[0, 1\\)"),
-    (dict(repetition_penalty=0), "--repetition-penalty 0: expected > 0"),
-    (dict(max_tokens=-1), "--max-tokens -1: expected >= 0"),
+    (dict(temp=-1), "temp=-1: expected a number in \\[0, 2\\]"),
+    (dict(temp=float("nan")), "temp=nan: expected a number"),
+    (dict(top_p=0), "top_p=0: expected a number in \\(0, 1\\]"),
+    (dict(top_k=-3), "top_k=-3: expected an integer >= 0"),
+    (dict(top_k=1.5), "top_k=1.5: expected an integer >= 0"),
+    (dict(min_p=1.0), "min_p=1.0: expected a number in \\[0, 1\\)"),
+    (dict(repetition_penalty=0), "repetition_penalty=0: expected a number > 0"),
+    (dict(seed=-1), "seed=-1: expected an integer from 0 to"),
+    (dict(seed=2**64), "seed=18446744073709551616: expected an integer from 0 to"),
+    (dict(max_tokens=-1), "max_tokens=-1: expected an integer >= 0"),
 ])
-def test_bad_sampling_values_name_the_flag(model, tok, kw, message):
+def test_bad_sampling_values_name_the_argument(model, tok, kw, message):
     with pytest.raises(ElmError, match=message):
         generate(model, tok, PROMPT, **kw)
 

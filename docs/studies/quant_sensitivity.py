@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-from elm_mlx.convert.quantize import make_plan, quantize, sensitive_modules
+from elm_mlx.quant import make_plan, quantize_model, quantize_weight, sensitive_modules
 from elm_mlx.convert.report import TEXT, compare, log_probs
 
 from elm_mlx.checkpoint import load_weights
 from elm_mlx.config import OpenELMConfig, read_config
-from elm_mlx.load import quantize_modules
 from elm_mlx.model import Model
 from elm_mlx.tokenizer import Tokenizer
 
@@ -45,9 +44,9 @@ def unquantized_reference(folder: Path):
 def quantized_model(cfg, weights: dict, plan) -> Model:
     stored = {}
     for key, value in weights.items():
-        stored |= quantize(key, value, plan)
+        stored |= quantize_weight(key, value, plan)
     model = Model(cfg)
-    quantize_modules(model, plan.config_entry(), stored)
+    quantize_model(model, plan.config_entry(), plan.modules)
     model.load_weights(list(stored.items()))
     mx.eval(model.parameters())
     return model
@@ -56,7 +55,7 @@ def quantized_model(cfg, weights: dict, plan) -> Model:
 def bits_per_weight(cfg, weights: dict, plan) -> float:
     total = 0
     for key, value in weights.items():
-        total += sum(v.nbytes for v in quantize(key, value.astype(mx.bfloat16), plan).values())
+        total += sum(v.nbytes for v in quantize_weight(key, value.astype(mx.bfloat16), plan).values())
     return total * 8 / cfg.num_parameters()
 
 

@@ -7,7 +7,7 @@ quantize one part at a time and watch the argmax flip while KL stays tiny.
 import sys
 from pathlib import Path
 
-from elm_mlx.convert.quantize import Plan, make_plan
+from elm_mlx.quant import Plan, make_plan
 from elm_mlx.convert.report import compare, log_probs
 from quant_sensitivity import quantized_model, unquantized_reference
 

@@ -18,12 +18,9 @@ from .metrics import (
     weight_bytes_per_token,
 )
 from .run import (
-    DTYPE_LABELS,
-    GROUP_SIZE,
     METHODS,
     PAPER_PROMPT,
     PAPER_PROMPT_IDS,
-    QUANT_BITS,
     Engine,
     NaiveRMSNorm,
     elm_engine,
@@ -32,6 +29,7 @@ from .run import (
     mlx_lm_engine,
     naive_norm_engine,
     prompt_ids,
+    run_bench,
     quant_label,
     quantize,
     quantize_like,
@@ -41,8 +39,8 @@ from .run import (
 
 __all__ = [
     "JSON_KEYS", "Stamps", "bandwidth", "kv_bytes_per_token", "mean_std", "run_metrics", "summarize", "table",
-    "weight_bytes_per_token", "DTYPE_LABELS", "backend", "blas_library", "environment", "memory_bandwidth", "GROUP_SIZE", "METHODS",
-    "PAPER_PROMPT", "PAPER_PROMPT_IDS", "QUANT_BITS", "Engine", "NaiveRMSNorm", "elm_engine", "load_bench_model",
-    "measure", "mlx_lm_engine", "naive_norm_engine", "prompt_ids", "quant_label", "quantize", "quantize_like", "quantized_paths",
+    "weight_bytes_per_token", "backend", "blas_library", "environment", "memory_bandwidth", "METHODS",
+    "PAPER_PROMPT", "PAPER_PROMPT_IDS", "Engine", "NaiveRMSNorm", "elm_engine", "load_bench_model",
+    "measure", "mlx_lm_engine", "naive_norm_engine", "prompt_ids", "run_bench", "quant_label", "quantize", "quantize_like", "quantized_paths",
     "time_run",
 ]

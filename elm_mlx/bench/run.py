@@ -10,7 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..errors import ElmError
+from ..checkpoint import dtype_label
+from ..errors import ElmError, need_extra
+from ..quant import LEVELS, quant_label, quantize_in_memory, quantize_like, quantized_paths
 from .metrics import Stamps, bandwidth, kv_bytes_per_token, run_metrics, weight_bytes_per_token
 
 # The OpenELM paper's Apple-silicon method is Apple's CoreNet inference.py:
@@ -23,54 +25,25 @@ PAPER_PROMPT_IDS = [1, 317, 1548, 6479, 10653, 3801, 29892, 4942, 29889, 16238, 
                     310, 1438, 26703, 2534, 4433, 592, 304, 2436, 1623, 278, 3353, 3153, 29879, 1048, 6479, 3745,
                     7935, 29892, 515, 278]
 METHODS = {"paper": dict(gen_tokens=1024, repeats=1), "pp-tg": dict(gen_tokens=128, prompt_tokens=512, repeats=5)}
-QUANT_BITS = {"q8": 8, "q4": 4}
-GROUP_SIZE = 64  # mlx-lm's affine default
-DTYPE_LABELS = {mx.float32: "fp32", mx.bfloat16: "bf16", mx.float16: "fp16"}
 WARMUP_TOKENS = 4  # covers the prefill and the decode step; the KV cache grows alike in both engines
 
 
 def quantize(model, quant: str | None):
-    """In place, mlx-lm's affine scheme: group size 64 on every Linear and the
-    embedding whose input width it divides (mlx-lm's convert skips the others;
-    every OpenELM size's widths are multiples of 256). A model that is already
-    quantized (a quantized folder: `elm-mlx convert --quant` or mlx-lm's) is
+    """In place, by the plan `elm-mlx convert --quant` uses (q4, q8: the recipe;
+    q4-uniform, q8-uniform: every Linear and the embedding alike, as mlx-lm's
+    convert does). A model that is already quantized (a quantized folder) is
     kept as it is, recipe included, if `quant` names one of its widths."""
     if quant is None:
         return model
-    bits = QUANT_BITS.get(quant)
-    if bits is None:
-        raise ElmError(f"--quant {quant!r}: expected one of {', '.join(QUANT_BITS)}")
+    if quant not in LEVELS:
+        raise ElmError(f"--quant {quant!r}: expected one of {', '.join(LEVELS)}")
     done = quantized_paths(model)
     if done:
-        if bits not in {b for b, _ in done.values()}:
+        if LEVELS[quant] not in {b for b, _ in done.values()}:
             raise ElmError(f"--quant {quant}: the model is already quantized ({quant_label(model)}); "
                            "drop --quant to measure it as it is")
         return model
-    nn.quantize(model, group_size=GROUP_SIZE, bits=bits,
-                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0)
-    mx.eval(model.parameters())
-    return model
-
-
-def quantized_paths(model) -> dict:
-    """{module path: (bits, group size)} of the quantized layers."""
-    return {path: (m.bits, m.group_size) for path, m in model.named_modules()
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
-
-
-def quant_label(model) -> str | None:
-    """'q4', or 'q4/8' for a recipe mixing widths; None when not quantized."""
-    bits = sorted({b for b, _ in quantized_paths(model).values()})
-    return "q" + "/".join(map(str, bits)) if bits else None
-
-
-def quantize_like(target, source):
-    """Quantize target's layers that are quantized in source (same module
-    paths, bits and group sizes), so that source's packed arrays load into target."""
-    done = quantized_paths(source)
-    if done:
-        nn.quantize(target, class_predicate=lambda path, _: path in done and
-                    {"bits": done[path][0], "group_size": done[path][1], "mode": "affine"})
+    return quantize_in_memory(model, quant)
 
 
 def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: str | None, clock=time.perf_counter):
@@ -124,6 +97,7 @@ def elm_engine(model, name="elm-mlx") -> Engine:
 def mlx_lm_engine(model) -> Engine:
     """mlx-lm's own OpenELM on the very same weight arrays (no copy), driven
     by mlx-lm's generate_step: what mlx-lm's users get."""
+    need_extra("mlx_lm", "mlx-lm", "--compare mlx-lm")
     from mlx_lm.generate import generate_step, generation_stream
     from mlx_lm.models import openelm
 
@@ -221,4 +195,42 @@ def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict,
             m.update(bandwidth(weights, kv, len(ids), gen_tokens, m["generation_tps"], info["machine_bandwidth_gbps"]))
             runs.append({**info, "engine": e.name, "repeat": r, "prompt_tokens": len(ids),
                          "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9})
+    return runs
+
+
+def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, quant=None, gen_tokens=None,
+              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print) -> list:
+    """`elm-mlx bench`: load (or build) the model, time the engines, print the
+    table (stderr when the JSON goes to stdout) and write the JSON runs."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..generate import check_context
+    from .machine import environment
+    from .metrics import table
+
+    defaults = METHODS[method]
+    gen_tokens = defaults["gen_tokens"] if gen_tokens is None else gen_tokens
+    repeats = defaults["repeats"] if repeats is None else repeats
+    if method == "pp-tg" and prompt_tokens is None:
+        prompt_tokens = defaults["prompt_tokens"]
+    say(f"loading {model}{' (random weights)' if random_weights else ''} ...")
+    model_, load_s = load_bench_model(model, dtype, random_weights, quant)
+    ids = prompt_ids(method, prompt_tokens, model_.config.vocab_size)
+    check_context(len(ids), model_.config.max_context_length, what=f"the {method} method's prompt",
+                  new_tokens=gen_tokens)
+    say("probing memory bandwidth ...")
+    info = {"model": model, "dtype": dtype_label(model_.dtype), "quant": quant_label(model_), "method": method,
+            "load_s": load_s, **environment()}
+    engines = [elm_engine(model_)] + ([mlx_lm_engine(model_)] if compare else [])
+    runs = measure(engines, ids, gen_tokens, repeats, info, progress=say)
+    print(table(runs), file=sys.stderr if json_file == "-" else sys.stdout)
+    if json_file:
+        text = json.dumps(runs, indent=1)
+        if json_file == "-":
+            print(text)
+        else:
+            Path(json_file).write_text(text + "\n")
+    mx.clear_cache()
     return runs
