@@ -2,13 +2,13 @@
 
 A decode step reads every weight once whether it serves one sequence or eight, so the
 server runs its requests through one `BatchEngine`: sequences join and leave between
-steps, and every step feeds each running sequence's last token through one batched
-forward.
+steps, and every step feeds each running sequence's last token, and the next chunk of
+any newcomer's prompt, through one forward.
 
 Design decision: each sequence keeps its *own* per-layer `KVCache`s (no padding, no
-mask). The projections and the FFN, where the weights are read, run once on the
-[B, 1, dim] batch; only attention runs per sequence, over that sequence's cache,
-exactly as the single-sequence path runs it. At the context lengths a local server
+mask). The new tokens of all sequences are packed along one axis, so the projections
+and the FFN, where the weights are read, run once for all of them; only attention runs
+per sequence, over that sequence's cache, with the calls the single-sequence path makes. At the context lengths a local server
 sees, attention is a small part of a step, and this buys two things mlx-lm's
 left-padded `BatchKVCache` does not: a sequence's numbers are computed by the same
 operations as when it runs alone (so its tokens equal `generate_tokens`' tokens, greedy
@@ -17,7 +17,7 @@ re-padding of a shared cache.
 
 Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
 so a seeded request draws the same tokens beside any company. A newcomer's prompt is
-read between decode steps, at most `prefill_chunk` prompt tokens per step, so running
+read inside the decode steps, at most `prefill_chunk` prompt tokens per step, so running
 streams wait for at most one chunk. Caches of finished requests are kept (up to
 `max_batch` of them) so a client re-sending a growing conversation has only the new
 part read."""
@@ -119,15 +119,19 @@ class BatchEngine:
     # ------------------------------------------------------------ stepping
 
     def step(self) -> list[Token]:
-        """Admit waiting sequences, read up to one chunk of prompts, then one token for each running
-        sequence (a sequence whose prompt was finished in this step gets its first token too)."""
+        """Admit waiting sequences, then one forward over the batch: the last token of every
+        decoding sequence and up to `prefill_chunk` prompt tokens of admitted ones. Each decoding
+        sequence gets one token, and so does one whose prompt this step finished reading."""
         self._drop_cancelled()
         self._admit()
-        out = self._prefill()
-        decoding = [s for s in self.running if not s.todo and s.tokens and s.finish is None]
-        if decoding:
-            logits = decode_step(self.model, [s.tokens[-1] for s in decoding], [s.caches for s in decoding])
-            out += self._sample(decoding, [logits[b: b + 1] for b in range(len(decoding))])
+        segments = [(s, [s.tokens[-1]]) for s in self.running if s.tokens and s.finish is None]
+        segments += self._prefill_chunks()
+        out = []
+        if segments:
+            wanted = [not s.todo for s, _ in segments]  # the prompt's last chunk, or a decode token
+            logits = forward(self.model, [(ids, s.caches) for s, ids in segments], wanted)
+            seqs = [s for (s, _), w in zip(segments, wanted) if w]
+            out = self._sample(seqs, [logits[i: i + 1] for i in range(len(seqs))])
         self.totals["steps"] += 1
         self._retire()
         return out
@@ -168,26 +172,21 @@ class BatchEngine:
             c.trim(c.offset - n)
         return caches, n
 
-    def _prefill(self) -> list[Token]:
-        """Prompt chunks for admitted sequences, oldest first, about `prefill_chunk` tokens in all.
-        A prompt no longer than a chunk is read in one forward, as `generate_tokens` reads it."""
-        budget, done, last_logits = self.prefill_chunk, [], []
+    def _prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
+        """Prompt chunks of admitted sequences, oldest first, about `prefill_chunk` tokens in all.
+        A prompt no longer than a chunk is read in one piece, as `generate_tokens` reads it."""
+        budget, chunks = self.prefill_chunk, []
         for seq in self.running:
             if not seq.todo or seq.finish is not None:
                 continue
-            if budget < min(len(seq.todo), self.prefill_chunk) and budget < self.prefill_chunk:
+            if chunks and budget < min(len(seq.todo), self.prefill_chunk):
                 break  # it gets a whole chunk in the next step
             chunk, seq.todo = seq.todo[: self.prefill_chunk], seq.todo[self.prefill_chunk:]
-            logits = self.model(mx.array(chunk)[None], seq.caches, last_only=True)[:, -1, :]
+            chunks.append((seq, chunk))
             budget -= len(chunk)
-            if seq.todo:
-                mx.eval([c.state for c in seq.caches])
-            else:
-                done.append(seq)
-                last_logits.append(logits)
             if budget <= 0:
                 break
-        return self._sample(done, last_logits)
+        return chunks
 
     def _sample(self, seqs: list[Sequence], logits: list) -> list[Token]:
         if not seqs:
@@ -234,31 +233,36 @@ class BatchEngine:
             seq.caches = None
 
 
-def decode_step(model, tokens: list[int], caches: list[list]):
-    """One token for each of B sequences: tokens[B] -> logits[B, vocab]. The weights are read once
-    for the batch; attention runs per sequence over its own caches (see the module doc)."""
+def forward(model, segments: list[tuple[list[int], list]], wanted: list[bool]):
+    """One forward over several sequences: segments = [(new token ids, that sequence's caches)],
+    packed along one axis so the weights are read once for all of them; attention runs per
+    segment over its own caches, with the same calls the single-sequence path makes (RoPE at
+    the cache's offset, a causal mask for more than one token). Returns logits[k, vocab] at the
+    last position of each wanted segment."""
     t = model.transformer
-    h = t.token_embeddings(mx.array(tokens)[:, None])
-    offsets = mx.array([c[0].offset for c in caches])
-    for i, layer in enumerate(t.layers):
-        h = h + _attention(layer.attn, layer.attn_norm(h), [c[i] for c in caches], offsets)
+    h = t.token_embeddings(mx.array([i for ids, _ in segments for i in ids])[None])
+    bounds = list(itertools.accumulate([len(ids) for ids, _ in segments], initial=0))
+    for n, layer in enumerate(t.layers):
+        h = h + _attention(layer.attn, layer.attn_norm(h), [c[n] for _, c in segments], bounds)
         h = h + layer.ffn(layer.ffn_norm(h))
     h = t.norm(h)
+    h = h[:, [end - 1 for end, w in zip(bounds[1:], wanted) if w], :]
     logits = model.lm_head(h) if "lm_head" in model else t.token_embeddings.as_linear(h)
-    return logits[:, -1, :]
+    return logits[0]
 
 
-def _attention(attn, x, caches: list, offsets):
-    B = x.shape[0]
-    qkv = attn.qkv_proj(x).reshape(B, 1, attn.n_q + 2 * attn.n_kv, attn.head_dim)
+def _attention(attn, x, caches: list, bounds: list[int]):
+    N = x.shape[1]
+    qkv = attn.qkv_proj(x).reshape(1, N, attn.n_q + 2 * attn.n_kv, attn.head_dim)
     q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [attn.n_q, attn.n_q + attn.n_kv], axis=1)
     if "q_norm" in attn:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    rope = dict(traditional=False, base=attn.rope_base, scale=1.0, offset=offsets)
-    q, k = mx.fast.rope(q, attn.head_dim, **rope), mx.fast.rope(k, attn.head_dim, **rope)
+    rope = dict(traditional=False, base=attn.rope_base, scale=1.0)
     outs = []
-    for b, cache in enumerate(caches):
-        kb, vb = cache.update_and_fetch(k[b: b + 1], v[b: b + 1])
-        outs.append(mx.fast.scaled_dot_product_attention(q[b: b + 1], kb, vb, scale=attn.head_dim**-0.5))
-    out = mx.concatenate(outs, axis=0) if B > 1 else outs[0]
-    return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
+    for cache, start, end in zip(caches, bounds, bounds[1:]):
+        qs, ks = (mx.fast.rope(a[:, :, start:end], attn.head_dim, offset=cache.offset, **rope) for a in (q, k))
+        ks, vs = cache.update_and_fetch(ks, v[:, :, start:end])
+        outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=attn.head_dim**-0.5,
+                                                         mask="causal" if end - start > 1 else None))
+    out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(1, N, -1))
