@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from .cache import make_cache
 from .context import common_prefix
 from .errors import ElmError
 from .sample import SequenceSampler, log_softmax
@@ -49,15 +48,11 @@ class Sequence:
     logprobs: int | None  # None: none; 0: the chosen token's; k: also the k most likely
     eos_id: int | None
     tokens: list[int] = field(default_factory=list)
-    caches: list | None = None
+    row: int | None = None  # its row of the BatchCache while it runs
     todo: list[int] = field(default_factory=list)  # prompt ids still to prefill
     reused: int = 0  # prompt tokens found in a kept cache
     finish: str | None = None
     cancelled: str | None = None  # the finish reason cancel() was given
-
-    def held(self) -> list[int]:
-        """The ids the caches hold, position by position."""
-        return (self.ids + self.tokens)[: self.caches[0].offset]
 
 
 @dataclass
@@ -81,7 +76,11 @@ class BatchEngine:
         self.window = model.config.max_context_length
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.kept: list[tuple[list[int], list]] = []  # (ids held, caches) of finished sequences, oldest first
+        self.cache = BatchCache(model, max_batch)
+        # Per row: the ids it holds when no sequence runs in it (a finished one's, kept for prefix
+        # reuse), and when it was last given up.
+        self.kept: list[list[int]] = [[] for _ in range(max_batch)]
+        self.freed_at = [0] * max_batch
         self._ids = itertools.count()
         self.totals = dict(requests=0, finished=0, cancelled=0, prompt_tokens=0, reused_tokens=0,
                            generated_tokens=0, steps=0)
@@ -129,7 +128,7 @@ class BatchEngine:
         out = []
         if segments:
             wanted = [not s.todo for s, _ in segments]  # the prompt's last chunk, or a decode token
-            logits = forward(self.model, [(ids, s.caches) for s, ids in segments], wanted)
+            logits = forward(self.model, self.cache, [(s.row, ids) for s, ids in segments], wanted)
             seqs = [s for (s, _), w in zip(segments, wanted) if w]
             out = self._sample(seqs, [logits[i: i + 1] for i in range(len(seqs))])
         self.totals["steps"] += 1
@@ -149,28 +148,22 @@ class BatchEngine:
     def _admit(self):
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting.popleft()
-            seq.caches, n = self._caches_for(seq.ids)
+            seq.row, n = self._row_for(seq.ids)
+            self.cache.lengths[seq.row] = n
             seq.reused, seq.todo = n, seq.ids[n:]
             self.totals["prompt_tokens"] += len(seq.ids)
             self.totals["reused_tokens"] += n
             self.running.append(seq)
 
-    def _caches_for(self, ids: list[int]) -> tuple[list, int]:
-        """Kept caches holding the longest prefix of `ids` (trimmed to it), else fresh ones."""
-        best, n = None, 0
-        for i, (held, _) in enumerate(self.kept):
-            # The last prompt token is always read again: its logits pick the first new token.
-            common = min(common_prefix(held, ids), len(ids) - 1)
-            if common > n:
-                best, n = i, common
-        if best is None:
-            if len(self.kept) < self.max_batch:
-                return make_cache(self.model), 0
-            best = 0  # recycle the oldest kept caches' buffers
-        _, caches = self.kept.pop(best)
-        for c in caches:
-            c.trim(c.offset - n)
-        return caches, n
+    def _row_for(self, ids: list[int]) -> tuple[int, int]:
+        """A free row, preferring the one holding the longest prefix of `ids`, else the one given up
+        longest ago; and how many of its positions stay valid."""
+        taken = {s.row for s in self.running}
+        free = [r for r in range(self.max_batch) if r not in taken]
+        # The last prompt token is always read again: its logits pick the first new token.
+        common = {r: min(common_prefix(self.kept[r], ids), len(ids) - 1) for r in free}
+        row = max(free, key=lambda r: (common[r], -self.freed_at[r]))
+        return row, common[row]
 
     def _prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
         """Prompt chunks of admitted sequences, oldest first, about `prefill_chunk` tokens in all.
@@ -225,44 +218,93 @@ class BatchEngine:
         for seq in [s for s in self.running if s.finish is not None]:
             self.running.remove(seq)
             self.totals["cancelled" if seq.finish == "cancelled" else "finished"] += 1
-            # Keep its caches for a client that continues this conversation.
-            if seq.caches[0].offset > 0:
-                self.kept.append((seq.held(), seq.caches))
-                if len(self.kept) > self.max_batch:
-                    self.kept.pop(0)
-            seq.caches = None
+            # Its row keeps what it holds, for a client that continues this conversation.
+            self.kept[seq.row] = (seq.ids + seq.tokens)[: self.cache.lengths[seq.row]]
+            self.freed_at[seq.row] = self.totals["steps"]
+            seq.row = None
 
 
-def forward(model, segments: list[tuple[list[int], list]], wanted: list[bool]):
-    """One forward over several sequences: segments = [(new token ids, that sequence's caches)],
-    packed along one axis so the weights are read once for all of them; attention runs per
-    segment over its own caches, with the same calls the single-sequence path makes (RoPE at
-    the cache's offset, a causal mask for more than one token). Returns logits[k, vocab] at the
-    last position of each wanted segment."""
+class BatchCache:
+    """The keys and values of up to `rows` sequences: per layer one [rows, kv heads, T, head_dim]
+    buffer (T grows in steps of 256 for all rows) and per row the positions it holds. A decode
+    step writes every row's new position with one scatter per layer; attention reads a row's
+    first `length` positions, the same values a sequence's own KVCache would hold."""
+
+    step = 256
+
+    def __init__(self, model, rows: int):
+        self.rows = rows
+        self.lengths = [0] * rows
+        self.keys = [None] * len(model.layers)
+        self.values = [None] * len(model.layers)
+
+    def reserve(self, layer: int, like_keys, like_values, need: int):
+        """Room for `need` positions in this layer's buffers (shaped after the first keys seen)."""
+        k = self.keys[layer]
+        if k is not None and k.shape[2] >= need:
+            return
+        T = -(-need // self.step) * self.step
+        new_k = mx.zeros((self.rows, like_keys.shape[1], T, like_keys.shape[3]), like_keys.dtype)
+        new_v = mx.zeros((self.rows, like_values.shape[1], T, like_values.shape[3]), like_values.dtype)
+        if k is not None:
+            old = k.shape[2]
+            new_k[:, :, :old] = k
+            new_v[:, :, :old] = self.values[layer]
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+
+def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wanted: list[bool]):
+    """One forward over several sequences: segments = [(cache row, new token ids)], one-token
+    (decode) segments first. The new tokens are packed along one axis, so the weights are read
+    once for all of them; attention runs per sequence over its own positions, with the calls
+    the single-sequence path makes (RoPE at the sequence's offset; a causal mask for more than
+    one token). Returns logits[k, vocab] at the last position of each wanted segment."""
     t = model.transformer
-    h = t.token_embeddings(mx.array([i for ids, _ in segments for i in ids])[None])
-    bounds = list(itertools.accumulate([len(ids) for ids, _ in segments], initial=0))
+    h = t.token_embeddings(mx.array([i for _, ids in segments for i in ids])[None])
+    bounds = list(itertools.accumulate([len(ids) for _, ids in segments], initial=0))
+    rows = [row for row, _ in segments]
+    offsets = [cache.lengths[row] for row in rows]
+    decoding = next((i for i, (_, ids) in enumerate(segments) if len(ids) > 1), len(segments))
+    plan = (rows, offsets, bounds, decoding)
     for n, layer in enumerate(t.layers):
-        h = h + _attention(layer.attn, layer.attn_norm(h), [c[n] for _, c in segments], bounds)
+        h = h + _attention(layer.attn, layer.attn_norm(h), cache, n, plan)
         h = h + layer.ffn(layer.ffn_norm(h))
+    for row, (_, ids) in zip(rows, segments):
+        cache.lengths[row] += len(ids)
     h = t.norm(h)
     h = h[:, [end - 1 for end, w in zip(bounds[1:], wanted) if w], :]
     logits = model.lm_head(h) if "lm_head" in model else t.token_embeddings.as_linear(h)
     return logits[0]
 
 
-def _attention(attn, x, caches: list, bounds: list[int]):
+def _attention(attn, x, cache: BatchCache, layer: int, plan):
+    rows, offsets, bounds, D = plan
     N = x.shape[1]
     qkv = attn.qkv_proj(x).reshape(1, N, attn.n_q + 2 * attn.n_kv, attn.head_dim)
     q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [attn.n_q, attn.n_q + attn.n_kv], axis=1)
     if "q_norm" in attn:
         q, k = attn.q_norm(q), attn.k_norm(k)
     rope = dict(traditional=False, base=attn.rope_base, scale=1.0)
-    outs = []
-    for cache, start, end in zip(caches, bounds, bounds[1:]):
-        qs, ks = (mx.fast.rope(a[:, :, start:end], attn.head_dim, offset=cache.offset, **rope) for a in (q, k))
-        ks, vs = cache.update_and_fetch(ks, v[:, :, start:end])
-        outs.append(mx.fast.scaled_dot_product_attention(qs, ks, vs, scale=attn.head_dim**-0.5,
+    cache.reserve(layer, k, v, max(o + e - s for o, s, e in zip(offsets, bounds, bounds[1:])))
+    K, V = cache.keys[layer], cache.values[layer]
+    scale, outs = attn.head_dim**-0.5, []
+    if D:  # one token each: RoPE and the cache writes for all of them at once
+        at = mx.array(offsets[:D])
+        qd, kd = (mx.fast.rope(a[:, :, :D].transpose(2, 1, 0, 3), attn.head_dim, offset=at, **rope) for a in (q, k))
+        where = mx.array(rows[:D])
+        K[where, :, at] = kd[:, :, 0]
+        V[where, :, at] = v[0, :, :D].transpose(1, 0, 2)
+        for j in range(D):
+            r, end = rows[j], offsets[j] + 1
+            outs.append(mx.fast.scaled_dot_product_attention(qd[j: j + 1], K[r: r + 1, :, :end], V[r: r + 1, :, :end],
+                                                             scale=scale).transpose(2, 1, 0, 3))
+    for r, o, start, end in list(zip(rows, offsets, bounds, bounds[1:]))[D:]:
+        qs, ks = (mx.fast.rope(a[:, :, start:end], attn.head_dim, offset=o, **rope) for a in (q, k))
+        K[r: r + 1, :, o: o + end - start] = ks
+        V[r: r + 1, :, o: o + end - start] = v[:, :, start:end]
+        outs.append(mx.fast.scaled_dot_product_attention(qs, K[r: r + 1, :, : o + end - start],
+                                                         V[r: r + 1, :, : o + end - start], scale=scale,
                                                          mask="causal" if end - start > 1 else None))
+    cache.keys[layer], cache.values[layer] = K, V
     out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
     return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(1, N, -1))
