@@ -351,7 +351,8 @@ class Worker:
                 for job in self.active.values():
                     job.emit("error", f"generation failed: {e}")
                 self.active.clear()
-                self.engine = BatchEngine(self.model, self.max_batch)
+                totals, self.engine = self.engine.totals, BatchEngine(self.model, self.max_batch)
+                self.engine.totals = totals
             for seq in [s for s in self.active if s.finish is not None]:
                 self._done(self.active.pop(seq))
         for job in list(self.active.values()) + self._drain():
