@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
-from ..chat_template import TEMPLATE_FILE, find_template
+from ..chat_template import TEMPLATE_FILE, find_template, self_contained
 from ..checkpoint import dtype_name, parse_dtype
 from ..errors import ElmError
 from ..quant import make_plan, quantize_model, quantize_weight
@@ -153,9 +153,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
             bits = sum(v.nbytes for v in weights.values()) * 8 / cfg.num_parameters()
             check_space(out, sum(v.nbytes for v in weights.values()))
             with atomic_folder(out) as tmp:
-                _write(tmp, first, weights, name, plan, tok, layout)
-                if template is not None:
-                    (tmp / TEMPLATE_FILE).write_text(template.source)
+                _write(tmp, first, weights, name, plan, tok, layout, template)
                 del weights
                 if report:
                     _report(tmp, sources, mx_dtype, average, plan, tok, progress)
@@ -169,7 +167,7 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
     return out
 
 
-def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, layout: str) -> None:
+def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, layout: str, template) -> None:
     mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
     meta = dict(first.meta) | {"torch_dtype": name, "elm_mlx": {"dtype": name}}
     quantization = plan.config_entry() if plan is not None else first.quantization
@@ -182,7 +180,9 @@ def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, lay
         from .mlx_lm import write_index, write_tokenizer_files
 
         write_index(tmp, weights, ["model.safetensors"])
-        write_tokenizer_files(tmp)
+        write_tokenizer_files(tmp, template)
+    if template is not None:  # as any tool renders it: BOS and Apple's empty system turn written in
+        (tmp / TEMPLATE_FILE).write_text(self_contained(template))
 
 
 def _report(tmp: Path, sources, dtype, average: bool, plan, tok: Tokenizer, progress: bool) -> None:

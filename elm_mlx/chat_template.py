@@ -63,6 +63,18 @@ class ChatTemplate:
             raise ElmError(f"chat template {self.origin}: {e}") from None
 
 
+def self_contained(template: ChatTemplate) -> str:
+    """The template's source with what elm-mlx adds when it renders written into it,
+    for tools that render templates as they are (transformers, mlx-lm): BOS first,
+    and for Apple's template the empty system turn every DPO prompt had."""
+    source = template.source
+    if template.empty_system:
+        source = "{% if messages[0]['role'] != 'system' %}{{ '<|system|>\\n' + eos_token }}\n{% endif %}" + source
+    if not template.render([{"role": "user", "content": "x"}]).startswith(BOS_TEXT):
+        source = "{{ bos_token }}" + source
+    return source
+
+
 def _raise(message):
     raise ElmError(message)
 

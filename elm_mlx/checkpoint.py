@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .config import OpenELMConfig
-from .errors import ElmError
+from .errors import ArgumentError, ElmError
 from .quant import GROUP_SIZES, STORED_BITS, module_params
 
 # The float dtypes: (flag name, the name config.json / transformers use, MLX dtype).
@@ -21,14 +21,14 @@ _FLOATS = {"F32", "F16", "BF16"}
 INDEX = "model.safetensors.index.json"
 
 
-def parse_dtype(name: str | None, flag: str = "--dtype"):
+def parse_dtype(name: str | None):
     """'bf16' or 'bfloat16' -> mx.bfloat16; None stays None."""
     if name is None:
         return None
     for short, long, dtype in DTYPES:
         if name in (short, long):
             return dtype
-    raise ElmError(f"{flag} {name!r}: expected one of {', '.join(short for short, _, _ in DTYPES)}")
+    raise ArgumentError("dtype", name, f"one of {', '.join(short for short, _, _ in DTYPES)}")
 
 
 def dtype_label(dtype) -> str:

@@ -2,7 +2,9 @@
 below (typer `Annotated` aliases); each command parses its flags and calls one
 function of the package."""
 
+import inspect
 import sys
+from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -22,6 +24,9 @@ app = typer.Typer(
 )
 
 # ---------------------------------------------------------------- options shared by commands
+# Declared once. A group of options that several commands take is added to a
+# command by a decorator that extends its signature (typer reads the signature)
+# and hands the command one value built from them.
 
 DtypeName = Literal["bf16", "fp16", "fp32"]
 ModelOpt = Annotated[str, typer.Option(
@@ -33,23 +38,87 @@ DtypeOpt = Annotated[Optional[DtypeName], typer.Option(
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     help="Llama-2 tokenizer.model to use when the model folder has none (Apple's repos ship none); otherwise "
     "an ungated hub copy is fetched and checked.")]
-ChatTemplateOpt = Annotated[Optional[Path], typer.Option(
-    help="A Jinja chat template (transformers' chat_template.jinja format) to use instead of the model's. "
-    "-Instruct models get Apple's zephyr-style template without it.")]
-NoChatTemplateOpt = Annotated[bool, typer.Option(
-    "--no-chat-template", help="Use no chat template: the text goes to the model as typed (base models never "
-    "have one).")]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens per reply; stops "
-                                           "earlier at EOS.")]
-TempOpt = Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")]
-TopKOpt = Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 is off.")]
-TopPOpt = Annotated[float, typer.Option(help="Keep the smallest set of tokens with this much probability; 1 is "
-                                        "off.")]
-MinPOpt = Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the top one; 0 is off.")]
-RepetitionPenaltyOpt = Annotated[float, typer.Option(
-    help="Penalize every token already in the context (transformers' semantics); Apple suggests 1.2 for "
-    "OpenELM. 1 is off.")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed for sampling.")]
+MODEL_OPTIONS = {
+    "model": ModelOpt,
+    "dtype": DtypeOpt,
+    "tokenizer": TokenizerOpt,
+    "chat_template": Annotated[Optional[Path], typer.Option(
+        help="A Jinja chat template (transformers' chat_template.jinja format) to use instead of the model's. "
+        "-Instruct models get Apple's zephyr-style template without it.")],
+    "no_chat_template": Annotated[bool, typer.Option(
+        "--no-chat-template", help="Use no chat template: the text goes to the model as typed (base models "
+        "never have one).")],
+}
+SAMPLING_OPTIONS = {
+    "temp": Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")],
+    "top_k": Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 is off.")],
+    "top_p": Annotated[float, typer.Option(
+        help="Keep the smallest set of tokens with this much probability; 1 is off.")],
+    "min_p": Annotated[float, typer.Option(help="Drop tokens less likely than min-p x the top one; 0 is off.")],
+    "repetition_penalty": Annotated[float, typer.Option(
+        help="Penalize every token already in the context (transformers' semantics); Apple suggests 1.2 for "
+        "OpenELM. 1 is off.")],
+    "seed": Annotated[Optional[int], typer.Option(help="Random seed for sampling.")],
+}
+
+
+@dataclass
+class ModelChoice:
+    """What the model options say: which model, in which dtype, with which tokenizer and chat template."""
+    model: str
+    dtype: Optional[str]
+    tokenizer: Optional[Path]
+    chat_template: Optional[Path]
+    no_chat_template: bool
+
+    def load(self):
+        """(model, tokenizer carrying the chat template to use, or None)."""
+        from . import load
+        from .chat_template import choose_template
+        from .hub import resolve
+
+        folder = resolve(self.model, self.dtype, self.tokenizer)
+        template = choose_template(folder, self.model, self.chat_template, self.no_chat_template)  # before the slow part
+        model, tok = load(folder, dtype=self.dtype, tokenizer=self.tokenizer)
+        tok.chat_template = template
+        return model, tok
+
+
+def option_group(options: dict, build, into: str, defaults: dict | None = None):
+    """Adds `options` ({name: Annotated type}) to a command's signature, with
+    `defaults`, and calls it with `into=build(**their values)` instead."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                   default=(defaults or {}).get(name, inspect.Parameter.empty))
+                 for name, kind in options.items()]
+        kept = [p for p in sig.parameters.values() if p.name != into]
+
+        @wraps(fn)
+        def run(*args, **kwargs):
+            values = {name: kwargs.pop(name) for name in options}
+            return fn(*args, **kwargs, **{into: build(**values)})
+
+        required = [p for p in kept + added if p.default is inspect.Parameter.empty]
+        optional = [p for p in kept + added if p.default is not inspect.Parameter.empty]
+        run.__signature__ = sig.replace(parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                                    for p in required + optional])
+        return run
+    return wrap
+
+
+def model_options(fn):
+    return option_group(MODEL_OPTIONS, ModelChoice, "choice",
+                        dict(dtype=None, tokenizer=None, chat_template=None, no_chat_template=False))(fn)
+
+
+def sampling_options(**defaults):
+    """The sampling flags, handed to the command as one SamplingParams (validated there)."""
+    from .sample import SamplingParams
+
+    defaults = {"temp": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "seed": None,
+                **defaults}
+    return option_group(SAMPLING_OPTIONS, SamplingParams, "sampling", defaults)
 
 
 def user_errors(fn):
@@ -68,13 +137,6 @@ def user_errors(fn):
     return run
 
 
-def sampling_params(temp, top_k, top_p, min_p, repetition_penalty, seed=None):
-    from .sample import SamplingParams
-
-    return SamplingParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repetition_penalty=repetition_penalty, seed=seed)
-
-
 def show_version(value: bool):
     if value:
         typer.echo(f"elm-mlx {__version__}")
@@ -89,38 +151,29 @@ def main_options(version: Annotated[bool, typer.Option("--version", callback=sho
 
 @app.command()
 @user_errors
+@sampling_options()
+@model_options
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input). BOS is prepended.")],
-    model: ModelOpt,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=0,
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
-    temp: TempOpt = 0.0,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 1.0,
-    min_p: MinPOpt = 0.0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
-    dtype: DtypeOpt = None,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = None,
-    no_chat_template: NoChatTemplateOpt = False,
+    *, choice: ModelChoice, sampling,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
     An -Instruct model gets the prompt as a user message in its chat template."""
     from . import stream_generate
     from .generate import stats_line
 
-    sampling = sampling_params(temp, top_k, top_p, min_p, repetition_penalty, seed)
     if prompt == "-":
         prompt = sys.stdin.read()
-    model_, tok = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
+    model, tok = choice.load()
     if tok.chat_template is not None:
         typer.echo(f"(chat template {tok.chat_template.origin}; --no-chat-template sends the prompt as it is)",
                    err=True)
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     last = None
     try:
-        for last in stream_generate(model_, tok, prompt, max_tokens, sampling=sampling):
+        for last in stream_generate(model, tok, prompt, max_tokens, sampling=sampling):
             sys.stdout.write(last.text)
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -167,7 +220,7 @@ def convert(
 
     paths, label = [], None
     for s in src:
-        path, repo = locate(s, what="SRC")
+        path, repo = locate(s, "src", "SRC")
         paths.append(path)
         label = label or repo
     run(paths, output, dtype=dtype, tokenizer=tokenizer, label=label, quant=quant,
@@ -175,36 +228,16 @@ def convert(
         config=config, report=report)
 
 
-def load_chat(model, dtype, tokenizer, chat_template, no_chat_template):
-    """(model, tokenizer with its chat template or None) for the chat, serve and generate commands."""
-    from . import load
-    from .chat_template import choose_template
-    from .hub import resolve
-
-    folder = resolve(model, dtype, tokenizer)
-    template = choose_template(folder, model, chat_template, no_chat_template)  # before the slow part
-    model_, tok = load(folder, dtype=dtype, tokenizer=tokenizer)
-    tok.chat_template = template
-    return model_, tok
-
-
 @app.command()
 @user_errors
+@sampling_options(temp=0.7, top_p=0.9, repetition_penalty=1.2)
+@model_options
 def chat(
-    model: ModelOpt,
     system: Annotated[Optional[str], typer.Option(
         help="System prompt (change it in the chat with /system TEXT).")] = None,
-    max_tokens: MaxTokensOpt = 512,
-    temp: TempOpt = 0.7,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 0.9,
-    min_p: MinPOpt = 0.0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.2,
-    seed: SeedOpt = None,
-    dtype: DtypeOpt = None,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = None,
-    no_chat_template: NoChatTemplateOpt = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
+                                            help="Most tokens per reply; stops earlier at EOS.")] = 512,
+    *, choice: ModelChoice, sampling,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
     2048-token context (oldest turns dropped, with a notice) and its KV cache reused.
@@ -212,29 +245,23 @@ def chat(
     Ctrl-C stops the current reply."""
     from .chat import Chat, repl
 
-    sampling = sampling_params(temp, top_k, top_p, min_p, repetition_penalty, seed)
-    model_, tok = load_chat(model, dtype, tokenizer, chat_template, no_chat_template)
+    model, tok = choice.load()
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
-    repl(Chat(model_, tok, template, system, max_tokens, sampling), f"elm-mlx chat with {model} ({how}).")
+    repl(Chat(model, tok, template, system, max_tokens, sampling), f"elm-mlx chat with {choice.model} ({how}).")
 
 
 @app.command()
 @user_errors
+@sampling_options(temp=0.7, top_p=0.9, repetition_penalty=1.2)
+@model_options
 def serve(
-    model: ModelOpt,
     host: Annotated[str, typer.Option(
         help="Address to listen on; 0.0.0.0 exposes the model to your network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535,
                                       help="Port to listen on (0 picks a free one and prints it).")] = 8080,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
                                             help="Default max_tokens for requests without one.")] = 512,
-    temp: Annotated[float, typer.Option(help="Default temperature for requests without one.")] = 0.7,
-    top_k: Annotated[int, typer.Option(help="Default top_k (an extension to OpenAI's API); 0 is off.")] = 0,
-    top_p: Annotated[float, typer.Option(help="Default top_p for requests without one; 1 is off.")] = 0.9,
-    min_p: Annotated[float, typer.Option(help="Default min_p (an extension to OpenAI's API); 0 is off.")] = 0.0,
-    repetition_penalty: Annotated[float, typer.Option(
-        help="Default repetition_penalty (an extension to OpenAI's API; Apple suggests 1.2). 1 is off.")] = 1.2,
     max_batch: Annotated[Optional[int], typer.Option(
         min=1, help="Most requests decoding together (one batched model pass per token); more wait in a queue. "
         "Default: 8 on a CPU, 16 on a GPU.")] = None,
@@ -245,21 +272,19 @@ def serve(
         envvar="ELM_MLX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ requests.")] = None,
     log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option(
         help="Server log; info has a line per request (tokens, tok/s, finish reason).")] = "info",
-    dtype: DtypeOpt = None,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = None,
-    no_chat_template: NoChatTemplateOpt = False,
+    *, choice: ModelChoice, sampling,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
     /v1/completions, streamed or not, with logprobs; GET /v1/models, /health) with a chat page at /.
-    Concurrent requests decode together in one batch (--max-batch), each getting the tokens it
-    would get alone; more wait in a queue."""
+    The sampling flags are the defaults of requests that leave them out (top_k, min_p and
+    repetition_penalty are extensions to OpenAI's API). Concurrent requests decode together in one
+    batch (--max-batch), each getting the tokens it would get alone; more wait in a queue."""
     from .server import Defaults
     from .server import serve as run
 
-    defaults = Defaults(max_tokens, sampling_params(temp, top_k, top_p, min_p, repetition_penalty))
-    run(model, host, port, defaults, dtype, tokenizer, chat_template, no_chat_template, max_batch=max_batch,
-        log_level=log_level, allowed_origins=tuple(allowed_origins or ()), api_key=api_key)
+    run(choice.model, host, port, Defaults(max_tokens, sampling), choice.dtype, choice.tokenizer,
+        choice.chat_template, choice.no_chat_template, max_batch=max_batch, log_level=log_level,
+        allowed_origins=tuple(allowed_origins or ()), api_key=api_key)
 
 
 @app.command()

@@ -9,12 +9,13 @@ class ArgumentError(ElmError):
     name (`temp=-1: expected >= 0`). Front ends re-word it for their users: the
     CLI as the flag (`--temp -1: ...`), the server as the OpenAI parameter."""
 
-    def __init__(self, name: str, value, want: str):
+    def __init__(self, name: str, value, want: str, flag: str | None = None):
         super().__init__(f"{name}={value!r}: expected {want}")
         self.name, self.value, self.want = name, value, want
+        self.flag = flag or f"--{name.replace('_', '-')}"  # what the CLI calls it
 
     def as_flag(self) -> str:
-        return f"--{self.name.replace('_', '-')} {self.value}: expected {self.want}"
+        return f"{self.flag} {self.value}: expected {self.want}"
 
 
 def check_max_tokens(max_tokens, minimum: int = 0) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import dtype_name, parse_dtype
 from .config import PRESETS, nearest_preset, preset_name
-from .errors import ElmError
+from .errors import ArgumentError, ElmError
 
 # What an OpenELM repo needs; Apple's also hold remote code we never run.
 ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
@@ -50,7 +50,7 @@ def download(repo: str) -> Path:
         raise ElmError(f"downloading {repo} failed: {e}") from None
 
 
-def locate(name: str, what: str = "--model") -> tuple[Path, str | None]:
+def locate(name: str, arg: str = "model", flag: str = "--model") -> tuple[Path, str | None]:
     """(local path, hub repo it came from or None) for a folder or file, a preset or a hub id.
     Something written as a path (./x, /x, ~/x, a/b/c) is never taken for a hub id."""
     path = Path(name).expanduser()
@@ -60,10 +60,10 @@ def locate(name: str, what: str = "--model") -> tuple[Path, str | None]:
     repo = None if looks_like_path else repo_id(name)
     if repo is None:
         if looks_like_path:
-            raise ElmError(f"{what} {name}: no such file or folder")
+            raise ArgumentError(arg, name, "an existing file or folder; there is none at that path", flag)
         near = nearest_preset(name)
-        raise ElmError(f"{what} {name!r} is not a folder, a preset or a hub id (org/name): "
-                       + (f"did you mean {near}?" if near else f"presets are {', '.join(PRESETS)}"))
+        raise ArgumentError(arg, name, "a folder, a preset or a hub id (org/name); "
+                            + (f"did you mean {near}?" if near else f"presets are {', '.join(PRESETS)}"), flag)
     return download(repo), repo
 
 

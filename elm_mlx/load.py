@@ -8,7 +8,6 @@ import mlx.core as mx
 from .chat_template import find_template
 from .checkpoint import load_weights, parse_dtype
 from .config import OpenELMConfig, read_config
-from .errors import ElmError
 from .hub import resolve
 from .model import Model
 from .quant import quantize_model, read_quantization

@@ -24,3 +24,26 @@ LLAMA_TOKENIZER = Path(__file__).resolve().parent / "data/llama2-tokenizer/token
 def llama_tokenizer() -> Path:
     """The real Llama-2 tokenizer.model (OpenELM's), kept in tests/data with its notice."""
     return LLAMA_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def instruct_folder(tmp_path_factory, llama_tokenizer) -> Path:
+    """A tiny OpenELM over the real vocabulary, named -Instruct (so it gets Apple's chat
+    template), with its tokenizer.model."""
+    from checkpoints import make_hf_checkpoint
+    from engine import TINY_32K
+
+    path = tmp_path_factory.mktemp("models") / "OpenELM-270M-Instruct"
+    make_hf_checkpoint(path, TINY_32K, seed=5)
+    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
+    return path
+
+
+@pytest.fixture
+def offline_caches(tmp_path, monkeypatch):
+    """Never touch the network or the user's caches: an empty offline hub cache and a
+    private ELM_MLX_CACHE (tests that need a hub fill their own)."""
+    from hub_cache import use_hub_cache
+
+    use_hub_cache(monkeypatch, tmp_path / "empty-hf-cache")
+    monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "empty-elm-cache"))

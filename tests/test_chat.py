@@ -4,7 +4,6 @@ cache-less generation), the context window, and the REPL driven in a pseudo-term
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 from contextlib import closing
@@ -14,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pexpect
 import pytest
-from checkpoints import make_hf_checkpoint, random_weights
+from checkpoints import random_weights
 from engine import TINY_32K, build
 
 from elm_mlx import ElmError, stream_generate
@@ -158,11 +157,8 @@ def test_save_and_load_round_trip(model, tok, tmp_path):
 # ---------------------------------------------------------------- the REPL in a pseudo-terminal
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, llama_tokenizer):
-    path = tmp_path_factory.mktemp("models") / "tiny-Instruct"
-    make_hf_checkpoint(path, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
-    return path
+def folder(instruct_folder):
+    return instruct_folder
 
 
 def spawn(folder, *args):

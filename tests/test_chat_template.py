@@ -4,9 +4,7 @@ training, detection of -Instruct models (name, folder, converted output), overri
 import shutil
 
 import pytest
-from checkpoints import make_hf_checkpoint
 from elm_mlx.convert import convert
-from engine import TINY_32K
 from hub_cache import make_hub_repo, use_hub_cache
 from typer.testing import CliRunner
 
@@ -19,6 +17,7 @@ from elm_mlx.chat_template import (
     choose_template,
     encode_chat,
     find_template,
+    self_contained,
     says_instruct,
 )
 from elm_mlx.cli import app
@@ -122,17 +121,18 @@ def test_bad_templates_are_user_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def instruct_source(tmp_path_factory, llama_tokenizer):
-    src = tmp_path_factory.mktemp("src") / "OpenELM-270M-Instruct"
-    make_hf_checkpoint(src, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, src / "tokenizer.model")
-    return src
+def instruct_source(instruct_folder):
+    return instruct_folder
 
 
-def test_converting_an_instruct_model_keeps_its_template(instruct_source, tmp_path):
+def test_converting_an_instruct_model_keeps_its_template(instruct_source, tmp_path, tok):
+    """The folder keeps Apple's template, written self-contained (BOS and the empty system
+    turn in its text, for tools that render it as it is), and it gives the same ids."""
     out = convert(instruct_source, tmp_path / "converted", dtype="fp32", progress=False)
-    assert (out / TEMPLATE_FILE).read_text() == OPENELM_TEMPLATE
-    assert find_template(out).source == OPENELM_TEMPLATE  # though "converted" says nothing
+    assert (out / TEMPLATE_FILE).read_text() == self_contained(APPLE)
+    kept = find_template(out)  # though "converted" says nothing
+    for messages in (USER, [{"role": "system", "content": "Be brief."}] + USER):
+        assert chat_ids(tok, kept, messages) == chat_ids(tok, APPLE, messages)
     base = instruct_source.parent / "base"
     shutil.copytree(instruct_source, base)
     assert not (convert(base, tmp_path / "base-out", progress=False) / TEMPLATE_FILE).exists()
@@ -147,7 +147,7 @@ def test_instruct_preset_from_the_hub_keeps_its_template(instruct_source, tmp_pa
     monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "elm"))
     load("270M-Instruct")
     [converted] = [p.parent for p in (tmp_path / "elm").rglob("model.safetensors")]
-    assert (converted / TEMPLATE_FILE).read_text() == OPENELM_TEMPLATE
+    assert (converted / TEMPLATE_FILE).read_text() == self_contained(APPLE)
 
 
 def test_generate_applies_the_template_to_instruct_models(instruct_source, tok):
@@ -161,3 +161,18 @@ def test_generate_applies_the_template_to_instruct_models(instruct_source, tok):
     assert f"prompt: {len(ids)} tokens" in templated.stderr and "chat template OpenELM-Instruct" in templated.stderr
     assert raw.stdout == generate(model, tok, "Hello there", 6) + "\n"
     assert "prompt: 3 tokens" in raw.stderr
+
+
+def test_api_tokenizer_applies_the_chat_template_like_transformers(instruct_source, tmp_path):
+    """mlx-lm's API shape: load() gives -Instruct models' tokenizers their template, and
+    apply_chat_template gives exactly the ids `elm-mlx generate` and `chat` build."""
+    _, itok = load(instruct_source, dtype="fp32")
+    assert (itok.bos_token_id, itok.eos_token_id) == (1, 2)
+    for messages in (USER, [{"role": "system", "content": "Be brief."}] + USER):
+        assert itok.apply_chat_template(messages, add_generation_prompt=True) == chat_ids(itok, APPLE, messages)
+        assert itok.apply_chat_template(messages, tokenize=False) == APPLE.render(messages)
+    assert not itok.apply_chat_template(USER, add_generation_prompt=False, tokenize=False).endswith("<|assistant|>\n")
+    base = tmp_path / "base"
+    shutil.copytree(instruct_source, base)
+    _, btok = load(base, dtype="fp32")
+    assert btok.chat_template is None and btok.apply_chat_template(USER) == btok.encode("Hello there")

@@ -52,7 +52,7 @@ def test_prompt_from_stdin(with_tokenizer):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "no/such/dir/x"], "error: --model no/such/dir/x: no such file or folder"),
+    (["--model", "no/such/dir/x"], "error: --model no/such/dir/x: expected an existing file or folder"),
     (["--model", "1.1b-instuct"], "did you mean 1_1B-Instruct?"),
     (["--dtype", "int4"], "Invalid value for '--dtype': Value error, 'int4' is not one of 'bf16', 'fp16', 'fp32'"),
     (["--temp", "-1"], "error: --temp -1.0: expected a number in [0, 2]"),

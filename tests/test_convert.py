@@ -20,7 +20,6 @@ import pytest
 from checkpoints import TINY, make_hf_checkpoint, round_to_dtype
 from elm_mlx.convert import convert
 from engine import param_dtypes
-from hub_cache import use_hub_cache
 from reference import reference_logits
 from typer.testing import CliRunner
 
@@ -52,11 +51,7 @@ def leftovers(parent: Path) -> list:
     return [p.name for p in parent.iterdir() if "partial" in p.name]
 
 
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """No network, no user caches."""
-    use_hub_cache(monkeypatch, tmp_path / "empty-hf-cache")
-    monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "empty-elm-cache"))
+pytestmark = pytest.mark.usefixtures("offline_caches")
 
 
 @pytest.fixture

@@ -189,3 +189,9 @@ def test_cached_context_counts_against_the_window(model, tok):
     list(stream_generate(model, tok, [1] * 2000, 1, cache=cache))
     with pytest.raises(ElmError, match="the prompt is 60 tokens after 2001 cached tokens"):
         generate(model, tok, [5] * 60, 4, cache=cache)
+
+
+def test_verbose_prints_the_text_and_a_stats_line(model, tok, capsys):
+    text = generate(model, tok, PROMPT, 5, verbose=True)
+    out = capsys.readouterr().out
+    assert out.startswith(text + "\n") and "generation: 5 tokens" in out and "peak memory" in out

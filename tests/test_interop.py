@@ -149,3 +149,39 @@ def test_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, llama_tokeniz
     with pytest.raises(ElmError) as e:
         elm_mlx.load(str(folder), tokenizer=llama_tokenizer)
     assert str(folder / "tokenizer.json") in str(e.value) and "--tokenizer" in str(e.value)
+
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is MLX?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a joke\nabout cats."}],
+]
+
+
+def test_instruct_folder_for_mlx_lm_builds_the_same_chat_prompt(tmp_path, llama_tokenizer):
+    """`convert --to mlx-lm` of an -Instruct model: mlx-lm's chat prompt (its generate renders the
+    template as text, then encodes it with no special tokens added) is token for token what
+    elm-mlx's tokenizer.apply_chat_template gives and what `elm-mlx generate` feeds the model."""
+    from mlx_lm import load as mlx_lm_load
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    src = tmp_path / "OpenELM-270M-Instruct"
+    make_hf_checkpoint(src, TINY_32K, seed=5)
+    lm = convert(src, tmp_path / "lm", dtype="fp32", layout="mlx-lm", tokenizer=llama_tokenizer, progress=False)
+    _, theirs = mlx_lm_load(str(lm))
+    _, ours = elm_mlx.load(lm)
+    assert ours.chat_template is not None
+    for messages in CHATS:
+        text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        mine = ours.apply_chat_template(messages)
+        assert theirs.encode(text, add_special_tokens=False) == mine
+        assert mine[0] == ours.bos_token_id and mine.count(ours.eos_token_id) == len(messages) + (
+            messages[0]["role"] != "system")  # every turn ends with EOS, the empty system turn too
+    r = CliRunner().invoke(app, ["generate", "-M", str(lm), "Hi", "-m", "1"])
+    assert r.exit_code == 0, r.output
+    assert f"prompt: {len(ours.apply_chat_template(CHATS[0]))} tokens" in r.stderr
+    # Plain text still encodes as SentencePiece does.
+    assert theirs.encode(TEXT) == Tokenizer(llama_tokenizer).encode(TEXT)

@@ -72,7 +72,7 @@ def weight_bytes_per_token(model) -> int:
 
 def kv_bytes_per_token(model) -> int:
     # The cache holds keys and values in the activation dtype (the norms' dtype, also when quantized).
-    return model.config.kv_bytes_per_token(model.transformer.norm.weight.dtype.size)
+    return model.config.kv_bytes_per_token(model.dtype.size)
 
 
 COLUMNS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("total_tps", "total tok/s"),
