@@ -5,22 +5,24 @@ server runs its requests through one `BatchEngine`: sequences join and leave bet
 steps, and every step feeds each running sequence's last token, and the next chunk of
 any newcomer's prompt, through one forward.
 
-Design decision: each sequence keeps its *own* per-layer `KVCache`s (no padding, no
-mask). The new tokens of all sequences are packed along one axis, so the projections
-and the FFN, where the weights are read, run once for all of them; only attention runs
-per sequence, over that sequence's cache, with the calls the single-sequence path makes. At the context lengths a local server
-sees, attention is a small part of a step, and this buys two things mlx-lm's
-left-padded `BatchKVCache` does not: a sequence's numbers are computed by the same
-operations as when it runs alone (so its tokens equal `generate_tokens`' tokens, greedy
-or seeded), and joining, leaving and prefix reuse are list operations, never copies or
-re-padding of a shared cache.
+Design decision: no padding and no mask. Each sequence owns a row of one `BatchCache`
+(per layer a [rows, kv heads, T, head_dim] buffer, per row the positions it holds). The
+new tokens of all sequences are packed along one axis, so the projections and the FFN,
+where the weights are read, run once for all of them; RoPE and the cache writes of the
+decoding rows are one operation per layer; only attention runs per sequence, over
+exactly that row's positions, with the calls the single-sequence path makes. This buys
+what mlx-lm's left-padded, masked `BatchKVCache` does not: a sequence's numbers come
+from the same operations as when it runs alone, so its tokens equal `generate_tokens`'
+tokens (greedy, or seeded), whoever runs beside it; and joining, leaving and prefix
+reuse never copy or re-pad a shared cache. The price is one attention call per sequence
+and layer (see BENCHMARKS.md, "Concurrent streams").
 
 Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
 so a seeded request draws the same tokens beside any company. A newcomer's prompt is
 read inside the decode steps, at most `prefill_chunk` prompt tokens per step, so running
-streams wait for at most one chunk. Caches of finished requests are kept (up to
-`max_batch` of them) so a client re-sending a growing conversation has only the new
-part read."""
+streams wait for at most one chunk. A finished sequence's row keeps what it holds until
+another sequence needs the row, and a newcomer takes the row holding the longest prefix of
+its prompt: a client re-sending a growing conversation has only the new part read."""
 
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ class BatchEngine:
         return seq
 
     def cancel(self, seq: Sequence, finish: str = "cancelled"):
-        """Ends `seq` at the next step with this finish reason (its caches are kept for reuse like a
+        """Ends `seq` at the next step with this finish reason (its row is kept for reuse like a
         finished one's). The server also ends a sequence this way when a stop string appears."""
         if seq.finish is None:
             seq.cancelled = finish
