@@ -69,7 +69,8 @@ def atomic_folder(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         if out.exists():
             raise OutputExists(f"{out} already exists: remove it or choose another -o") from None
-        hint = ": the disk is full; free space or choose another -o" if e.errno == errno.ENOSPC else ""
+        hint = ": the disk is full (or out of inodes); free space or choose another -o" \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         raise ElmError(f"could not write {out}: {e.strerror or e}{hint}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,8 +168,24 @@ def convert(src, out, dtype: str = "bf16", tokenizer=None, progress: bool = True
     return out
 
 
+def save_safetensors(path: Path, weights: dict, metadata: dict) -> None:
+    """mx.save_safetensors, whose write errors (a full disk, no inodes left) are a bare
+    RuntimeError without an errno: turned into the OSError they are."""
+    try:
+        mx.save_safetensors(str(path), weights, metadata=metadata)
+    except RuntimeError as e:
+        try:
+            st = os.statvfs(path.parent)
+            full = st.f_bavail * st.f_frsize < sum(v.nbytes for v in weights.values()) or st.f_favail == 0
+        except OSError:
+            full = False
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device (MLX: {e})", str(path)) from None
+        raise OSError(errno.EIO, f"MLX could not write it ({e})", str(path)) from None
+
+
 def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, layout: str, template) -> None:
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+    save_safetensors(tmp / "model.safetensors", weights, metadata={"format": "mlx"})
     meta = dict(first.meta) | {"torch_dtype": name, "elm_mlx": {"dtype": name}}
     quantization = plan.config_entry() if plan is not None else first.quantization
     if quantization is not None:

@@ -14,7 +14,8 @@ import mlx.core as mx
 import yaml as pyyaml
 
 from ..config import OpenELMConfig, preset_name
-from ..errors import ElmError
+from ..errors import ElmError, quoted
+from ..files import read_text
 from .sources import Source
 from .torch_zip import TensorRef, TorchCheckpoint
 
@@ -23,26 +24,36 @@ EMBEDDING = "transformer.token_embeddings.weight"
 
 def preset_from_yaml(path: Path) -> str:
     try:
-        doc = pyyaml.safe_load(Path(path).read_text())
+        doc = pyyaml.safe_load(read_text(Path(path), "CoreNet YAML", 16 << 20))
         name = doc["model"]["language_modeling"]["general_gpt"]["model_name"]
-    except FileNotFoundError:
-        raise ElmError(f"--config {path}: no such file") from None
-    except (pyyaml.YAMLError, KeyError, TypeError) as e:
+    except ElmError as e:
+        raise ElmError(f"--config: {e}") from None
+    except (pyyaml.YAMLError, KeyError, TypeError, RecursionError) as e:
         raise ElmError(f"--config {path}: not a CoreNet OpenELM YAML (expected "
-                       f"model.language_modeling.general_gpt.model_name): {e}") from None
+                       f"model.language_modeling.general_gpt.model_name): {quoted(str(e), 200)}") from None
     if preset_name(str(name)) is None:
-        raise ElmError(f"--config {path}: model_name {name!r} is not an OpenELM size (270M, 450M, 1_1B, 3B)")
+        raise ElmError(f"--config {path}: model_name {quoted(name)} is not an OpenELM size (270M, 450M, 1_1B, 3B)")
     return str(name)
 
 
+# Where a training checkpoint keeps the model: CoreNet's training_checkpoint_*.pt
+# (corenet/utils/checkpoint_utils.py: model_state_dict beside optim_state_dict,
+# ema_state_dict, ...), then the keys other trainers use.
+STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model")
+
+
 def _state_dict(objects, path: Path) -> dict:
-    # A bare state_dict (CoreNet's checkpoint files), or a training checkpoint wrapping one.
-    if isinstance(objects, dict) and isinstance(objects.get("model_state_dict"), dict):
-        objects = objects["model_state_dict"]
+    """A bare state_dict (CoreNet's checkpoint_last.pt, checkpoint_best.pt, ...: torch.save of
+    model.state_dict()), or a training checkpoint wrapping one under a key."""
+    if isinstance(objects, dict):
+        for key in STATE_DICT_KEYS:
+            if isinstance(objects.get(key), dict):
+                objects = objects[key]
+                break
     if not isinstance(objects, dict) or not any(isinstance(v, TensorRef) for v in objects.values()):
-        what = sorted(objects)[:8] if isinstance(objects, dict) else type(objects).__name__
+        what = quoted(sorted(map(str, objects))) if isinstance(objects, dict) else type(objects).__name__
         raise ElmError(f"{path}: no model state_dict inside (top level: {what}); expected CoreNet's "
-                       "name -> tensor dictionary")
+                       f"name -> tensor dictionary, bare or under {' / '.join(STATE_DICT_KEYS)}")
     return objects
 
 
@@ -62,19 +73,22 @@ def corenet_source(path: Path, cfg: OpenELMConfig, name: str = "OpenELM") -> Sou
     expected = cfg.weight_shapes()
     refs = {}
     for key, ref in state.items():
+        if not isinstance(key, str):
+            raise ElmError(f"{path}: the state_dict has a key {quoted(key)}; expected tensor names")
         if ".pos_embedding." in key:
             continue  # RoPE tables: recomputed by the model, not weights
         hf = key if key.startswith("transformer.") else "transformer." + key
         if hf not in expected or not isinstance(ref, TensorRef):
-            raise ElmError(f"{path}: unexpected entry {key!r}; is this an {name} CoreNet checkpoint?")
+            raise ElmError(f"{path}: unexpected entry {quoted(key)}; is this an {name} CoreNet checkpoint?")
         want = expected[hf]
         ok = ref.shape == want or (hf == EMBEDDING and len(ref.shape) == 2 and ref.shape[1] == want[1]
                                    and ref.shape[0] >= want[0])
         if not ok:
-            raise ElmError(f"{path}: {key} has shape {list(ref.shape)}, expected {list(want)} for {name}"
+            raise ElmError(f"{path}: {key} has shape {quoted(list(ref.shape))}, expected {list(want)} for {name}"
                            + (" (the embedding may have extra padding rows)" if hf == EMBEDDING else ""))
         if not ref.is_float:
             raise ElmError(f"{path}: {key} is a {ref.storage.storage_type}, expected float weights")
+        ckpt.check(ref)  # its storage's declared size, before anything is read
         refs[hf] = ref
     missing = [k for k in expected if k not in refs]
     if missing:

@@ -12,6 +12,7 @@ import mlx.core as mx
 from ..checkpoint import check_weights
 from ..config import OpenELMConfig, read_config
 from ..errors import ElmError
+from ..files import regular_file
 from ..quant import read_quantization
 
 
@@ -56,6 +57,8 @@ def open_source(path, preset: str | None = None, yaml: Path | None = None) -> So
         from .corenet import open_corenet
 
         return open_corenet(path, preset, yaml)
+    if path.exists():
+        regular_file(path, "checkpoint (a folder or a .pt file)")  # a FIFO, socket or device: never opened
     raise ElmError(f"{path}: no such file or folder")
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .chat_template import ChatTemplate, chat_ids
 from .context import CachedContext
-from .errors import ElmError
+from .errors import ElmError, quoted
+from .files import atomic_write_text, describe_os_error, read_text
 from .generate import check_context
 from .sample import SamplingParams
 
@@ -80,13 +81,17 @@ class Chat:
         self.messages, self.dropped = [], 0
 
     def save(self, path: Path):
-        Path(path).write_text(json.dumps(self.conversation(), indent=2, ensure_ascii=False) + "\n")
+        """Atomic: a failed save (full disk, no permission) leaves the previous file whole."""
+        if Path(path).is_dir():
+            raise ElmError(f"{path} is a folder: /save needs a file name")
+        atomic_write_text(Path(path), json.dumps(self.conversation(), indent=2, ensure_ascii=False) + "\n")
 
     def load(self, path: Path):
+        text = read_text(Path(path), "conversation (JSON, as /save writes it)", 64 << 20)
         try:
-            messages = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ElmError(f"{path}: cannot read a conversation ({e})") from None
+            messages = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ElmError(f"{path}: cannot read a conversation ({quoted(str(e), 200)})") from None
         check_messages(messages, str(path))
         self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         self.messages = [dict(m) for m in messages if m["role"] != "system"]
@@ -208,7 +213,9 @@ def repl(chat: Chat, title: str, out=sys.stdout):
                     return
             else:
                 say(chat, line, out)
-        except ElmError as e:
+        except ElmError as e:  # one line; the conversation goes on
             print(f"error: {e}", file=sys.stderr)
+        except OSError as e:
+            print(f"error: {e.filename or 'I/O'}: {describe_os_error(e)}", file=sys.stderr)
         except KeyboardInterrupt:  # outside a reply (Ctrl-C during one only stops it)
             print("\n(interrupted)", file=out)

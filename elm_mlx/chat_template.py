@@ -17,10 +17,19 @@ prompt a system turn (empty when the data had none), so we do too for Apple's te
 from __future__ import annotations
 
 import re
+import sys
+import time
 from pathlib import Path
 
-from .errors import ElmError
+from .errors import ElmError, quoted
+from .files import read_text
 
+# A template is data from the internet: its rendering is bounded in time, output and
+# the size of any string or list it builds (loops and `'x' * n` could otherwise hang
+# generate or freeze serve). Real templates render in about a millisecond.
+RENDER_SECONDS = 2.0
+RENDER_CHARS = 8 << 20
+TEMPLATE_BYTES = 1 << 20
 TEMPLATE_FILE = "chat_template.jinja"  # transformers' file name, so other tools find it too
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # the Llama-2 tokenizer's special-token strings
 
@@ -37,15 +46,14 @@ class ChatTemplate:
     def __init__(self, source: str, origin: str):
         from jinja2 import TemplateError
         from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         # What transformers' apply_chat_template uses; the sandbox keeps a template
         # from reaching Python objects (a template file is data, not code).
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = _raise
         try:
             self._template = env.from_string(source)
-        except TemplateError as e:
+        except (TemplateError, RecursionError, MemoryError) as e:
             raise ElmError(f"{origin}: not a valid Jinja chat template: {e}") from None
         self.source = source
         self.origin = origin
@@ -57,10 +65,12 @@ class ChatTemplate:
         if self.empty_system and (not messages or messages[0]["role"] != "system"):
             messages = [{"role": "system", "content": ""}] + list(messages)
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=BOS_TEXT, eos_token=EOS_TEXT)
+            return _bounded_render(self._template, dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                        bos_token=BOS_TEXT, eos_token=EOS_TEXT))
+        except _TooLong as e:
+            raise ElmError(f"chat template {self.origin}: {e}; is it a chat template?") from None
         except Exception as e:  # a template's own raise_exception, or a TemplateError
-            raise ElmError(f"chat template {self.origin}: {e}") from None
+            raise ElmError(f"chat template {self.origin}: {quoted(str(e), 300)}") from None
 
 
 def self_contained(template: ChatTemplate) -> str:
@@ -77,6 +87,60 @@ def self_contained(template: ChatTemplate) -> str:
 
 def _raise(message):
     raise ElmError(message)
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _sandbox():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with `*` and `**` refused when they would build a
+        huge string, list or number."""
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > RENDER_CHARS:
+                        raise _TooLong(f"'{operator}' would build {len(seq) * n} items")
+            elif isinstance(left, (int, float)) and isinstance(right, (int, float)) and abs(right) > 1000 \
+                    and abs(left) > 1:
+                raise _TooLong(f"'{left} ** {right}' is too large")
+            return super().call_binop(context, operator, left, right)
+
+    return BoundedSandbox
+
+
+def _BoundedSandbox(**kwargs):
+    return _sandbox()(**kwargs)
+
+
+def _bounded_render(template, variables: dict) -> str:
+    """template.render(), stopped after RENDER_SECONDS or RENDER_CHARS of output. The
+    clock is checked on every line Jinja's compiled code runs (a trace function, set
+    only while rendering), so loops that print nothing are stopped too."""
+    deadline = time.monotonic() + RENDER_SECONDS
+
+    def check(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise _TooLong(f"rendering took more than {RENDER_SECONDS:g} s")
+        return check
+
+    previous = sys.gettrace()
+    sys.settrace(check)
+    try:
+        parts, size = [], 0
+        for chunk in template.generate(**variables):
+            parts.append(chunk)
+            size += len(chunk)
+            if size > RENDER_CHARS:
+                raise _TooLong(f"its output passed {RENDER_CHARS >> 20} M characters")
+        return "".join(parts)
+    finally:
+        sys.settrace(previous)
 
 
 def encode_chat(tokenizer, text: str) -> list[int]:
@@ -118,8 +182,8 @@ def find_template(folder: Path, name: str | None = None) -> ChatTemplate | None:
     """The folder's chat_template.jinja, else Apple's template when the folder or the
     name the user gave says -Instruct, else None (a base model)."""
     file = Path(folder) / TEMPLATE_FILE
-    if file.is_file():
-        return ChatTemplate(file.read_text(), str(file))
+    if file.exists() or file.is_symlink():
+        return ChatTemplate(read_text(file, "Jinja chat template", TEMPLATE_BYTES), str(file))
     if says_instruct(str(folder)) or (name is not None and says_instruct(name)):
         return ChatTemplate(OPENELM_TEMPLATE, "OpenELM-Instruct")
     return None
@@ -133,8 +197,9 @@ def choose_template(folder: Path, name: str, template_file: Path | None, no_temp
         return None
     if template_file is not None:
         try:
-            return ChatTemplate(Path(template_file).expanduser().read_text(), str(template_file))
-        except (OSError, UnicodeDecodeError) as e:
-            raise ElmError(f"--chat-template {template_file}: cannot read it ({e}); expected a Jinja "
-                           "template file like transformers' chat_template.jinja") from None
+            source = read_text(Path(template_file).expanduser(), "Jinja chat template", TEMPLATE_BYTES)
+        except ElmError as e:
+            raise ElmError(f"--chat-template {template_file}: cannot read it ({e}); expected a Jinja template "
+                           "file like transformers' chat_template.jinja") from None
+        return ChatTemplate(source, str(template_file))
     return find_template(folder, name)

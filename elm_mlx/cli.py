@@ -1,9 +1,16 @@
 """The `elm-mlx` command. Options that several commands take are declared once
 below (typer `Annotated` aliases); each command parses its flags and calls one
-function of the package."""
+function of the package.
+
+Every command runs under `user_errors`: an ElmError (a problem the user can fix) is
+one line and exit 2, an OSError one line naming the file, Ctrl-C exit 130 without a
+traceback, anything else one line that says it is a bug. `--debug` (or
+ELM_MLX_DEBUG=1) shows the traceback behind any of them."""
 
 import inspect
+import os
 import sys
+import traceback
 from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
@@ -12,7 +19,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from . import __version__
-from .errors import ArgumentError, ElmError
+from .errors import ArgumentError, ElmError, quoted
 
 app = typer.Typer(
     help="Run Apple's OpenELM language models on MLX.",
@@ -121,19 +128,56 @@ def sampling_options(**defaults):
     return option_group(SAMPLING_OPTIONS, SamplingParams, "sampling", defaults)
 
 
+EXIT_USER_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+
+
+_debug_flag = False  # --debug of the running command
+
+
+def debugging() -> bool:
+    return _debug_flag or os.environ.get("ELM_MLX_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int):
+    """One line on stderr (plus the traceback under --debug) and the exit code."""
+    if debugging():
+        traceback.print_exc()
+    if message:
+        typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
 def user_errors(fn):
-    """Print ElmError as one line and exit 2, instead of a traceback. A bad
-    argument value is named as the flag the user typed."""
+    """Print ElmError as one line and exit 2 (a bad argument value named as the flag the
+    user typed), Ctrl-C as exit 130, anything else as one line, instead of a traceback."""
     @wraps(fn)
     def run(*args, **kwargs):
+        import click
+
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort,
+                click.exceptions.ClickException):
+            raise
         except ArgumentError as e:
-            typer.echo(f"error: {e.as_flag()}", err=True)
-            raise typer.Exit(2)
+            fail(f"error: {e.as_flag()}", EXIT_USER_ERROR)
         except ElmError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2)
+            fail(f"error: {e}", EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            fail("\ninterrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:  # `elm-mlx generate ... | head`: the reader left; nothing to say
+            sys.stdout = open(os.devnull, "w")  # so the exit flush does not fail again
+            fail("", EXIT_BUG)
+        except OSError as e:
+            from .files import describe_os_error
+
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"error: {where}{describe_os_error(e)}", EXIT_USER_ERROR)
+        except MemoryError:
+            fail("error: out of memory; try a smaller model, --quant q4, or close other programs", EXIT_USER_ERROR)
+        except Exception as e:
+            fail(f"error: unexpected {type(e).__name__}: {quoted(str(e), 300)} (a bug in elm-mlx; rerun with "
+                 "--debug for the traceback and report it)", EXIT_BUG)
     return run
 
 
@@ -145,8 +189,22 @@ def show_version(value: bool):
 
 @app.callback()
 def main_options(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
-                                                       help="Print the version and exit.")] = False):
+                                                       help="Print the version and exit.")] = False,
+                 debug: Annotated[bool, typer.Option("--debug", help="Show the traceback behind an error "
+                                                     "(also: ELM_MLX_DEBUG=1).")] = False):
     """Run Apple's OpenELM language models on MLX."""
+    global _debug_flag
+    _debug_flag = debug
+
+
+def read_stdin() -> str:
+    """Standard input as text, strictly UTF-8."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ElmError(f"standard input is not UTF-8 text (byte {quoted(data[e.start:e.start + 1])} at offset "
+                       f"{e.start}); convert it, e.g. with iconv -t UTF-8") from None
 
 
 @app.command()
@@ -165,22 +223,27 @@ def generate(
     from .generate import stats_line
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = read_stdin()
     model, tok = choice.load()
     if tok.chat_template is not None:
         typer.echo(f"(chat template {tok.chat_template.origin}; --no-chat-template sends the prompt as it is)",
                    err=True)
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
-    last = None
+    last, interrupted = None, False
     try:
         for last in stream_generate(model, tok, prompt, max_tokens, sampling=sampling):
             sys.stdout.write(last.text)
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # the text so far stays printed; the exit code says it was cut short
+        interrupted = True
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    if interrupted:
+        typer.echo("(interrupted)", err=True)
     if last is not None:
         typer.echo(stats_line(last), err=True)
+    if interrupted:
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()
@@ -323,6 +386,83 @@ def bench(
               say=lambda msg: typer.echo(msg, err=True))
 
 
+EVAL_INSTALL = 'elm-mlx eval needs lm-evaluation-harness: pip install "elm-mlx[eval]"'
+
+
+def import_evaluate():
+    """elm_mlx.evaluate, or one line on how to install lm-eval (an optional extra)."""
+    try:
+        from . import evaluate
+    except ImportError as e:
+        if (e.name or "").split(".")[0] != "lm_eval":
+            raise
+        raise ElmError(EVAL_INSTALL) from None
+    return evaluate
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    model: ModelOpt,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="lm-eval tasks or groups, comma-separated (arc_easy,hellaswag,mmlu; `lm-eval ls tasks` lists them). "
+        "Datasets download through lm-eval (Hugging Face datasets) on first use.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(
+        min=0, help="Examples in each prompt. Default: each task's own.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        min=1, help="Score only the first N examples of each task (a quick check; not comparable with published "
+        "numbers).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="Write lm-eval's results JSON to FILE ('-': stdout, and the tables go to "
+        "stderr).")] = None,
+    paper: Annotated[bool, typer.Option(
+        "--paper", help="Run the model card's evaluation (0-shot ARC-c/e, BoolQ, HellaSwag, PIQA, RACE, SciQ, "
+        "TruthfulQA, WinoGrande; 5-shot MMLU, WinoGrande; 25-shot ARC-c, CrowS-Pairs; 10-shot HellaSwag) and "
+        "print each score beside the card's for this model, with the difference.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests scored per forward pass.")] = 8,
+    include_path: Annotated[Optional[Path], typer.Option(
+        file_okay=False, exists=True, help="A folder of extra lm-eval task YAMLs (your own tasks).")] = None,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Score a model with lm-evaluation-harness, the harness OpenELM's model card used
+    (BOS prepended, as the card does). Prints lm-eval's tables; --output saves its JSON.
+    Needs the eval extra: pip install "elm-mlx[eval]"."""
+    evaluate = import_evaluate()
+    if paper and (tasks or num_fewshot is not None):
+        raise ElmError("--paper runs the model card's tasks and shots: leave out --tasks and --num-fewshot")
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if not paper and not names:
+        raise ElmError("--tasks: name at least one lm-eval task (e.g. --tasks arc_easy,hellaswag), or use --paper")
+    evaluate.run_eval(model, names, num_fewshot=num_fewshot, limit=limit, output=output, paper=paper,
+                      batch_size=batch_size, include_path=include_path, dtype=dtype, tokenizer=tokenizer,
+                      say=lambda text: typer.echo(text, err=output == "-"))
+
+
+@app.command()
+@user_errors
+def perplexity(
+    file: Annotated[Path, typer.Argument(help="A UTF-8 text file; BOS is prepended.")],
+    model: ModelOpt,
+    context: Annotated[int, typer.Option(min=1, help="Tokens each window reads (at most the model's "
+                                         "2048).")] = 2048,
+    stride: Annotated[Optional[int], typer.Option(
+        min=1, help="New tokens scored per window after the first; each reads the --context tokens before it. "
+        "Default --context (lm-eval's rolling windows: every token scored once, the fewest passes); smaller "
+        "gives every token more context and costs context/stride times the compute.")] = None,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Windows per forward pass (fewer for long windows: the logits per pass are bounded).")] = 8,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Perplexity of a text file with sliding windows, to compare dtypes and quantizations
+    of one model (the same file, context and stride for each). Prints `perplexity: X` and tokens/s."""
+    from .score import perplexity_of_file
+
+    perplexity_of_file(model, file, context=context, stride=stride, batch_size=batch_size, dtype=dtype,
+                       tokenizer=tokenizer, say=typer.echo)
+
+
 @app.command()
 def models():
     """List the presets: hub id, parameters, layers and memory."""
@@ -332,4 +472,8 @@ def models():
 
 
 def main():
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # outside a command (while typer parses, or at exit)
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(EXIT_INTERRUPTED)

@@ -2,13 +2,15 @@
 the layer-wise scaling rule with no weights needed."""
 
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ElmError
+from .errors import ElmError, quoted
+from .files import read_text
 
 # (layers, model_dim, head_dim) of the four sizes; every size uses 4 query heads
 # per KV head, qkv multipliers 0.5 -> 1.0 and FFN multipliers 0.5 -> 4.0.
@@ -40,13 +42,62 @@ def _interpolate(lo, hi, n):
     return [round(float(v), 2) for v in np.linspace(lo, hi, num=n, dtype=float)]
 
 
+CONFIG_LIMIT = 16 << 20  # Apple's config.json is 1 KB
+
+
 def read_config(path: Path) -> dict:
+    """config.json as a dict; every way it can be unreadable is one ElmError naming it."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ElmError(f"{path} not found: an OpenELM model folder needs a config.json")
+    text = read_text(path, "config.json", CONFIG_LIMIT)
     try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ElmError(f"{path} not found: an OpenELM model folder needs a config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ElmError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ElmError(f"{path} is not valid JSON: nested too deeply") from None
+    if not isinstance(d, dict):
+        raise ElmError(f"{path}: expected a JSON object of settings, got a JSON {_json_type(d)}")
+    return d
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+# Field -> (check, what is expected): a config.json from the internet is checked
+# before any number in it sizes an array.
+def _int(lo):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _num(lo):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > lo and v == v and v != float("inf")
+
+
+def _ints(lo):
+    return lambda v: isinstance(v, list) and all(_int(lo)(x) for x in v)
+
+
+FIELD_TYPES = {
+    "num_transformer_layers": (_int(1), "an integer >= 1"),
+    "model_dim": (_int(1), "an integer >= 1"),
+    "head_dim": (_int(1), "an integer >= 1"),
+    "num_query_heads": (_ints(1), "a list of integers >= 1"),
+    "num_kv_heads": (_ints(1), "a list of integers >= 1"),
+    "ffn_multipliers": (lambda v: isinstance(v, list) and all(_num(0)(x) for x in v), "a list of numbers > 0"),
+    "vocab_size": (_int(1), "an integer >= 1"),
+    "ffn_dim_divisor": (_int(1), "an integer >= 1"),
+    "normalize_qk_projections": (lambda v: isinstance(v, bool), "true or false"),
+    "share_input_output_layers": (lambda v: isinstance(v, bool), "true or false"),
+    "rope_freq_constant": (_num(0), "a number > 0"),
+    "max_context_length": (_int(1), "an integer >= 1"),
+    "rms_norm_eps": (_num(0), "a number > 0"),
+    "bos_token_id": (_int(0), "an integer >= 0"),
+    "eos_token_id": (_int(0), "an integer >= 0"),
+}
 
 
 def preset_name(name: str) -> str | None:
@@ -124,8 +175,10 @@ class OpenELMConfig:
     def from_dict(cls, d: dict, source: str = "config.json") -> "OpenELMConfig":
         """Read Apple's HF config.json (or ours, which is the same plus a few
         keys). Errors name the file and key."""
+        if not isinstance(d, dict):
+            raise ElmError(f"{source}: expected a JSON object of settings, got a JSON {_json_type(d)}")
         if d.get("model_type") != "openelm":
-            raise ElmError(f"{source}: model_type is {d.get('model_type')!r}, expected 'openelm'")
+            raise ElmError(f"{source}: model_type is {quoted(d.get('model_type'))}, expected 'openelm'")
         unsupported = {
             "ffn_with_glu": True,
             "activation_fn_name": "swish",
@@ -133,8 +186,12 @@ class OpenELMConfig:
         }
         for key, want in unsupported.items():
             if d.get(key, want) != want:
-                raise ElmError(f"{source}: {key}={d[key]!r} is not supported (OpenELM uses {want!r})")
+                raise ElmError(f"{source}: {key}={quoted(d[key])} is not supported (OpenELM uses {want!r})")
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key, value in fields.items():
+            ok, want = FIELD_TYPES[key]
+            if not ok(value):
+                raise ElmError(f"{source}: {key} is {quoted(value)}, expected {want}")
         missing = [k for k in ("num_transformer_layers", "model_dim", "head_dim", "num_query_heads",
                                "num_kv_heads", "ffn_multipliers") if k not in fields]
         if missing:
@@ -152,11 +209,19 @@ class OpenELMConfig:
         for key in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
             value = getattr(self, key)
             if not isinstance(value, list) or len(value) != n:
-                raise ElmError(f"{source}: {key} must be a list of num_transformer_layers={n} values, got {value!r}")
+                raise ElmError(f"{source}: {key} must be a list of num_transformer_layers={n} values, "
+                               f"got {quoted(value)}")
         for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
             if kv <= 0 or q % kv:
                 raise ElmError(f"{source}: layer {i} has {q} query heads and {kv} KV heads; "
                                "query heads must be a positive multiple of KV heads")
+        for key, shape in self.weight_shapes().items():
+            if max(shape) >= 2**31:  # MLX's array dimensions are 32-bit
+                raise ElmError(f"{source}: model_dim, head_dim, the head counts and ffn_multipliers give {key} "
+                               f"the shape {list(shape)}; a dimension must be < 2**31")
+        for key in ("bos_token_id", "eos_token_id"):
+            if getattr(self, key) >= self.vocab_size:
+                raise ElmError(f"{source}: {key} is {getattr(self, key)}, past vocab_size {self.vocab_size}")
 
     @property
     def ffn_dims(self) -> list:
@@ -183,7 +248,7 @@ class OpenELMConfig:
         return shapes
 
     def num_parameters(self) -> int:
-        return sum(int(np.prod(s)) for s in self.weight_shapes().values())
+        return sum(math.prod(s) for s in self.weight_shapes().values())  # Python ints: never overflow
 
     @property
     def fp16_safe(self) -> bool:

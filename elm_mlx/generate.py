@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 from .cache import make_cache
-from .errors import ElmError, check_max_tokens
+from .errors import ElmError, check_max_tokens, quoted
 from .sample import SamplingParams, SequenceSampler
 
 
@@ -42,10 +42,20 @@ def check_context(prompt_tokens: int, window: int, cached: int = 0, what: str = 
         raise ContextError(prompt_tokens, window, cached, what, new_tokens)
 
 
-def encode_prompt(tokenizer, prompt, cached: int, window: int) -> list:
+def encode_prompt(tokenizer, prompt, cached: int, window: int, vocab_size: int | None = None) -> list:
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     check_context(len(ids), window, cached)
+    if vocab_size is not None:
+        check_ids(ids, vocab_size)
     return ids
+
+
+def check_ids(ids: list, vocab_size: int) -> None:
+    """Token ids given directly must be rows of the embedding: MLX's gather does not
+    check bounds, so an id past them would read other memory."""
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ElmError(f"prompt token {i} is {quoted(t)}: expected token ids from 0 to {vocab_size - 1}")
 
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -87,7 +97,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     max_tokens = check_max_tokens(max_tokens)
     window = model.config.max_context_length
     cached = cache[0].offset if cache else 0
-    ids = encode_prompt(tokenizer, prompt, cached, window)
+    ids = encode_prompt(tokenizer, prompt, cached, window, model.config.vocab_size)
     max_tokens = min(max_tokens, window - cached - len(ids))
     if max_tokens == 0:
         return

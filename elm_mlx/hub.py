@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .checkpoint import dtype_name, parse_dtype
 from .config import PRESETS, nearest_preset, preset_name
-from .errors import ArgumentError, ElmError
+from .errors import ArgumentError, ElmError, quoted
 
 # What an OpenELM repo needs; Apple's also hold remote code we never run.
 ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
@@ -21,12 +21,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "elm-mlx"
 
 
+# How long a hub request may take before we call the hub unreachable: a network that
+# accepts connections but never answers must not hang a command (huggingface_hub's own
+# retries would spend half a minute in "Retrying in 1s" messages first).
+HUB_TIMEOUT = 5.0
+_NAME = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?"  # the hub's rule: no leading/trailing . or -
+
+
 def repo_id(name: str) -> str | None:
     preset = preset_name(name)
     if preset:
         return f"apple/OpenELM-{preset}"
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if re.fullmatch(f"{_NAME}/{_NAME}", name) and ".." not in name and "--" not in name:
         return name
+    return None
+
+
+def hub_reachable(timeout: float | None = None) -> str | None:
+    """None when the Hugging Face hub answers an HTTP request within `timeout` seconds
+    (or offline mode is on: then it is never asked), else why not, in a few words.
+    Asked through huggingface_hub's own HTTP session: its proxies and certificates."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT if timeout is None else timeout)
+    except Exception as e:  # timeouts, refused connections, DNS, TLS: any answer at all would not raise
+        return f"{constants.ENDPOINT} did not answer: {quoted(str(e) or type(e).__name__, 120)}"
     return None
 
 
@@ -34,8 +57,16 @@ def download(repo: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    unreachable = hub_reachable()
     try:
-        return Path(snapshot_download(repo, allow_patterns=ALLOW))
+        if unreachable:
+            try:
+                return Path(snapshot_download(repo, allow_patterns=ALLOW, local_files_only=True))
+            except LocalEntryNotFoundError:
+                raise ElmError(f"{repo} is not in the Hugging Face cache and the hub can't be reached "
+                               f"({unreachable}): connect once to download it, or pass a local folder to "
+                               "--model") from None
+        return Path(snapshot_download(repo, allow_patterns=ALLOW, etag_timeout=HUB_TIMEOUT))
     except GatedRepoError:
         raise ElmError(f"{repo} is gated on the Hugging Face hub: accept its terms there and log in "
                        "(`hf auth login`)") from None
@@ -47,7 +78,13 @@ def download(repo: str) -> Path:
                        "(offline, or HF_HUB_OFFLINE=1): connect once to download it, or pass a local "
                        "folder to --model") from None
     except HfHubHTTPError as e:
-        raise ElmError(f"downloading {repo} failed: {e}") from None
+        raise ElmError(f"downloading {repo} failed: {quoted(str(e), 300)}") from None
+
+
+def looks_like_path(name: str) -> bool:
+    """./x, ../x, /x, ~/x, x/ and a/b/c are paths, never hub ids."""
+    return name.startswith((".", "/", "~", "\\")) or name.endswith(("/", "\\")) or name.count("/") > 1 \
+        or (name.count("/") == 1 and Path(name.split("/")[0]).expanduser().is_dir())
 
 
 def locate(name: str, arg: str = "model", flag: str = "--model") -> tuple[Path, str | None]:
@@ -56,10 +93,10 @@ def locate(name: str, arg: str = "model", flag: str = "--model") -> tuple[Path, 
     path = Path(name).expanduser()
     if path.exists():
         return path, None
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-    repo = None if looks_like_path else repo_id(name)
+    path_like = looks_like_path(name)
+    repo = None if path_like else repo_id(name)
     if repo is None:
-        if looks_like_path:
+        if path_like:
             raise ArgumentError(arg, name, "an existing file or folder; there is none at that path", flag)
         near = nearest_preset(name)
         raise ArgumentError(arg, name, "a folder, a preset or a hub id (org/name); "

@@ -8,6 +8,7 @@ import mlx.core as mx
 from .chat_template import find_template
 from .checkpoint import load_weights, parse_dtype
 from .config import OpenELMConfig, read_config
+from .errors import ElmError
 from .hub import resolve
 from .model import Model
 from .quant import quantize_model, read_quantization
@@ -46,5 +47,25 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     folder = resolve(str(name_or_path), dtype, tokenizer)
     model, tok = load_model(folder, dtype), load_tokenizer(folder, tokenizer)
     check_tokenizer_json(folder, tok)
+    check_vocabularies(model.config.vocab_size, tok, folder)
     tok.chat_template = find_template(folder, str(name_or_path))
     return model, tok
+
+
+# CoreNet pads OpenELM's embedding to 32128 rows (the 32000 Llama-2 tokens, a padding
+# token, rows to a round size); rows past the tokenizer's are never a token's.
+PADDING_ROWS = 256
+
+
+def check_vocabularies(model_vocab: int, tok, folder) -> None:
+    """The tokenizer's ids must all be rows of the embedding (MLX's gather has no bounds
+    check: a larger tokenizer reads past it), and the model may only add padding rows
+    (the detokenizer turns them into no text)."""
+    if model_vocab < tok.vocab_size:
+        raise ElmError(f"{folder}/config.json: vocab_size is {model_vocab}, but {tok.path} has {tok.vocab_size} "
+                       "tokens: the tokenizer is not this model's (its ids would read past the embedding); "
+                       "pass the model's own tokenizer.model with --tokenizer")
+    if model_vocab > tok.vocab_size + PADDING_ROWS:
+        raise ElmError(f"{folder}/config.json: vocab_size is {model_vocab}, but {tok.path} has only "
+                       f"{tok.vocab_size} tokens: the tokenizer is not this model's; pass the model's own "
+                       "tokenizer.model with --tokenizer")

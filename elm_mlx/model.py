@@ -97,6 +97,11 @@ class Model(nn.Module):
         h = self.transformer(tokens, cache)
         if last_only:  # generation reads only the last position: skip the head's vocab x dim work for the others
             h = h[:, -1:, :]
+        return self.head(h)
+
+    def head(self, h):
+        """Logits of final hidden states (the transformer's normed output), for
+        callers that need only some positions (scoring reads the continuation's)."""
         if "lm_head" in self:
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import OpenELMConfig
-from .errors import ElmError
+from .errors import ElmError, quoted
 
 RECIPE = {"q4": 4, "q8": 8}  # the OpenELM recipe: sensitive modules get more bits
 UNIFORM = {"q4-uniform": 4, "q8-uniform": 8}  # every module alike
@@ -95,9 +95,9 @@ def read_quantization(raw: dict, source: str) -> dict | None:
     if q is None:
         return None
     if not isinstance(q, dict) or not isinstance(q.get("bits"), int) or not isinstance(q.get("group_size"), int):
-        raise ElmError(f"{source}: \"quantization\" must be an object with integer bits and group_size, got {q!r}")
+        raise ElmError(f"{source}: \"quantization\" must be an object with integer bits and group_size, got {quoted(q)}")
     if q.get("mode", "affine") != "affine":
-        raise ElmError(f"{source}: quantization mode {q['mode']!r} is not supported (expected 'affine')")
+        raise ElmError(f"{source}: quantization mode {quoted(q['mode'])} is not supported (expected 'affine')")
     return q
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import ElmError
+from .errors import ElmError, quoted
+from .files import read_bytes, read_text, regular_file
 
 TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
@@ -32,6 +33,11 @@ def _replace_each_byte(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("elm_mlx.sp_replace", _replace_each_byte)
 
 
+def _first_surrogate(text: str) -> str:
+    i = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), 0)
+    return text[max(0, i - 10): i + 10]
+
+
 class StreamingDetokenizer:
     """Turns one sequence of token ids into text, a token at a time, in O(1) per token."""
 
@@ -45,7 +51,8 @@ class StreamingDetokenizer:
         self._chunks: list[str] = []
 
     def add_token(self, token_id: int) -> str:
-        data = self._table[token_id]
+        # Ids past the tokenizer (a model's padding rows, see load.check_vocabularies) are no text.
+        data = self._table[token_id] if 0 <= token_id < len(self._table) else b""
         if self._at_start and data:  # control tokens (b"") don't end the start
             self._at_start = False
             if data[:1] == b" " and token_id not in self._literal_space:
@@ -71,6 +78,7 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._sp = spm.SentencePieceProcessor()
+        regular_file(self.path, "tokenizer.model")  # a FIFO would block the load forever
         try:
             self._sp.Load(str(self.path))
         except (RuntimeError, OSError) as e:
@@ -106,10 +114,23 @@ class Tokenizer:
         return chat_text(self.chat_template, messages, add_generation_prompt)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return self._sp.encode(text, add_bos=add_bos)
+        if not isinstance(text, str):
+            raise ElmError(f"expected text to tokenize, got {type(text).__name__}")
+        try:
+            return self._sp.encode(text, add_bos=add_bos)
+        except RuntimeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800", or stdin read with surrogateescape)
+                pass
+            else:
+                raise
+            raise ElmError("the text is not valid Unicode (it holds a lone surrogate, e.g. "
+                           f"{quoted(_first_surrogate(text))}); send UTF-8 text") from None
 
     def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        """Text of ids; ids outside the vocabulary (a model's padding rows) are no text."""
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def pieces(self) -> list[str]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
@@ -150,6 +171,9 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
     """Find tokenizer.model: the model folder, then --tokenizer PATH, then the hub copy."""
     if explicit is not None:
         explicit = Path(explicit).expanduser()
+        if explicit.exists() and not explicit.is_file():
+            raise ElmError(f"--tokenizer {explicit}: not a regular file (a folder, FIFO or device); pass the path "
+                           "of a SentencePiece tokenizer.model")
         if not explicit.is_file():
             raise ElmError(
                 f"--tokenizer {explicit}: no such file. Pass the path of a SentencePiece "
@@ -172,7 +196,15 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
         # Imported here: it is slow to import and only needed when nothing local exists.
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE))
+        from .hub import HUB_TIMEOUT, hub_reachable
+
+        try:
+            path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE, local_files_only=True))
+        except Exception:  # not cached: ask the hub, but only if it answers at all (fail fast)
+            unreachable = hub_reachable()
+            if unreachable:
+                raise ConnectionError(unreachable) from None
+            path = Path(hf_hub_download(TOKENIZER_REPO, TOKENIZER_FILE, etag_timeout=HUB_TIMEOUT))
     except Exception as e:  # offline, not cached, network or hub errors all end the same way
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         searched.append(f"hub repo {TOKENIZER_REPO} ({type(e).__name__}: {reason})")
@@ -184,7 +216,7 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
             f"HF_HUB_OFFLINE=1) so it can be fetched from {TOKENIZER_REPO}."
         ) from None
 
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    actual = hashlib.sha256(read_bytes(path, "tokenizer.model")).hexdigest()
     if actual != TOKENIZER_SHA256:
         raise ElmError(
             f"{path} (from {TOKENIZER_REPO}) has sha256 {actual}, expected {TOKENIZER_SHA256}: "
@@ -205,12 +237,16 @@ def check_tokenizer_json(folder: Path, tok) -> None:
     path = Path(folder) / "tokenizer.json"
     if (Path(folder) / "tokenizer.model").exists() or not path.exists():
         return
+    text = read_text(path, "Hugging Face tokenizer.json", 256 << 20)
     try:
-        vocab = json.loads(path.read_text())["model"]["vocab"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab)") from None
+        vocab = json.loads(text)["model"]["vocab"]
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
+        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab object of piece -> id)") from None
     pieces = tok.pieces()
     differ = [p for p, i in vocab.items() if not (0 <= i < len(pieces) and pieces[i] == p)]
     if differ or len(vocab) != len(pieces):
-        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {differ[:1] or len(vocab)!r}): "
+        example = quoted(differ[0]) if differ else len(vocab)
+        raise ElmError(f"{path} is not the tokenizer in {tok.path} (e.g. piece {example}): "
                        "this model was trained with another vocabulary; pass its tokenizer.model with --tokenizer")

@@ -202,6 +202,12 @@ TINY: dict[str, dict] = {
 }
 
 
+def with_llama_vocab(cfg: dict) -> dict:
+    """cfg with the Llama-2 tokenizer's 32000-row vocabulary: for tests that load a model
+    together with its tokenizer (elm_mlx.load refuses vocabularies that disagree)."""
+    return {**cfg, "vocab_size": 32000}
+
+
 def openelm_270m_config(torch_dtype: str = "float32") -> dict:
     """The real apple/OpenELM-270M config.json (reference 1.3 table)."""
     return hf_config(

@@ -10,6 +10,8 @@ _caches = tempfile.mkdtemp(prefix="elm-mlx-tests-")
 atexit.register(shutil.rmtree, _caches, True)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = os.path.join(_caches, "hf")
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # lm-eval's tasks load datasets (tests use local files)
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_caches, "datasets")
 os.environ["ELM_MLX_CACHE"] = os.path.join(_caches, "elm-mlx")
 
 

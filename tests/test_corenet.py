@@ -36,15 +36,16 @@ TOKENS = [1, 17, 300, 5, 511, 42, 42, 7, 256, 3, 99, 2]
 PAD_ROWS = 128  # CoreNet's vocabulary is 32128 = 32000 + 128 rows the HF files drop
 
 
-def corenet_state(weights: dict, dtype="F32", seed=0) -> collections.OrderedDict:
-    """HF-named weights -> CoreNet's state_dict: no `transformer.` prefix, padded embedding."""
+def corenet_state(weights: dict, dtype="F32", seed=0) -> tf.StateDict:
+    """HF-named weights -> CoreNet's model.state_dict() (with its `_metadata`): no
+    `transformer.` prefix, padded embedding."""
     rng = np.random.default_rng(seed)
-    state = collections.OrderedDict()
+    state = {}
     for key, value in weights.items():
         if key == "transformer.token_embeddings.weight":
             value = np.concatenate([value, rng.standard_normal((PAD_ROWS, value.shape[1])).astype(np.float32)])
         state[key.removeprefix("transformer.")] = tf.tensor(value, dtype)
-    return state
+    return tf.as_state_dict(state)
 
 
 def model_from(source) -> engine.Model:
@@ -188,7 +189,7 @@ def test_training_checkpoint_wrapper_and_rope_buffers(tmp_path):
     weights = random_weights(cfg, seed=5)
     state = corenet_state(weights)
     state["layers.0.attn.pos_embedding.inv_freq"] = tf.tensor(np.ones(32))  # a buffer, not a weight
-    tf.save({"model_state_dict": state, "iteration": 5000, "epoch": 3}, tmp_path / "train.pt")
+    tf.save(tf.training_checkpoint(state), tmp_path / "train.pt")
     source = corenet_source(tmp_path / "train.pt", OpenELMConfig.from_dict(cfg))
     assert np.array_equal(np.array(source.read("transformer.norm.weight")), weights["transformer.norm.weight"])
     assert np.array(source.read("transformer.token_embeddings.weight")).shape == (512, 128)

@@ -20,7 +20,7 @@ import engine
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import TINY, make_hf_checkpoint, random_weights, write_safetensors
+from checkpoints import TINY, make_hf_checkpoint, random_weights, write_safetensors, with_llama_vocab
 from engine import param_dtypes
 from hub_cache import make_hub_repo, use_hub_cache
 from mlx.utils import tree_flatten
@@ -139,8 +139,10 @@ def test_dtype_fp32_and_fp16(tied):
     assert param_dtypes(load_model(folder, dtype="fp16")) == {mx.float16}
 
 
-def test_load_returns_model_and_tokenizer(tied, llama_tokenizer):
-    folder, cfg, weights = tied
+def test_load_returns_model_and_tokenizer(tmp_path, llama_tokenizer):
+    cfg = with_llama_vocab(TINY["tied"])
+    folder = tmp_path / "tied"
+    weights = make_hf_checkpoint(folder, cfg, seed=1)
     model, tok = elm_mlx.load(folder, dtype="fp32", tokenizer=llama_tokenizer)
     assert isinstance(tok, Tokenizer) and tok.vocab_size == 32000
     assert max_err(logits(model), reference_logits(weights, cfg, TOKENS)) <= TOL
@@ -328,7 +330,7 @@ def _converted(root: Path) -> list:
 def hub(tmp_path, monkeypatch, llama_tokenizer):
     """An offline hub cache with apple/OpenELM-270M (a TINY checkpoint, no tokenizer,
     as in Apple's repos) and the ungated tokenizer repo; ELM_MLX_CACHE in tmp_path."""
-    cfg = TINY["tied"]
+    cfg = with_llama_vocab(TINY["tied"])
     src = tmp_path / "src"
     weights = make_hf_checkpoint(src, cfg, seed=11)
     cache = tmp_path / "hf"
@@ -410,7 +412,7 @@ def test_new_hub_commit_is_converted_again(hub):
 
 def test_sharded_hub_repo(hub):
     """Like apple/OpenELM-3B: three shards and an index."""
-    cfg, tmp = TINY["head_dim_128"], hub["tmp"]
+    cfg, tmp = with_llama_vocab(TINY["head_dim_128"]), hub["tmp"]
     weights = make_hf_checkpoint(tmp / "src3b", cfg, shards=3, seed=13)
     make_hub_repo(hub["cache"], "apple/OpenELM-3B", _hub_files(tmp / "src3b"))
     model, _ = elm_mlx.load("apple/OpenELM-3B", dtype="fp32")

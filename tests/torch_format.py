@@ -19,11 +19,20 @@ against torch 2.13's own output:
 
 Every member is stored uncompressed. <name> is the file name without extension.
 Tensors that are views of one storage (shared, transposed, sliced) share a key.
+
+`model.state_dict()` is an OrderedDict carrying a `_metadata` attribute (each
+module's version), so torch.save pickles it as REDUCE(collections.OrderedDict, ())
++ SETITEMS + BUILD({'_metadata': OrderedDict(...)}): `state_dict()` below writes
+exactly that. CoreNet's trainer saves such a state dict bare (checkpoint_last.pt,
+checkpoint_best.pt) or inside a training checkpoint (training_checkpoint_last.pt:
+model, AdamW and EMA state, see corenet/utils/checkpoint_utils.py):
+`training_checkpoint()` builds that dict.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import pickle
 import zipfile
@@ -45,6 +54,12 @@ class Global:
 
     def __call__(self, *args):  # pickle's save_reduce only accepts callables
         raise TypeError(f"{self.module}.{self.name} is a marker, not a function")
+
+
+@functools.lru_cache(maxsize=None)
+def marker(module: str, name: str) -> Global:
+    """One Global per name, so the pickler memoizes it and later uses are BINGETs, as in torch's pickle."""
+    return Global(module, name)
 
 
 class Storage:
@@ -73,12 +88,18 @@ class Tensor:
     parameter: bool = False  # nn.Parameter: wrapped in _rebuild_parameter
 
     def __reduce__(self):
-        rebuild = (Global("torch._utils", "_rebuild_tensor_v2"),
-                   (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
+        rebuild = (marker("torch._utils", "_rebuild_tensor_v2"),
+                   (self.storage, self.offset, self.size, self.stride, False, Ordered()))
         if self.parameter:
-            return Global("torch._utils", "_rebuild_parameter"), (_Reduced(*rebuild), True,
-                                                                  collections.OrderedDict())
+            return marker("torch._utils", "_rebuild_parameter"), (_Reduced(*rebuild), True, Ordered())
         return rebuild
+
+
+class Ordered(dict):
+    """A collections.OrderedDict as torch's pickler writes it (its class memoized like every global)."""
+
+    def __reduce__(self):
+        return marker("collections", "OrderedDict"), (), None, None, iter(self.items())
 
 
 class _Reduced:
@@ -138,7 +159,7 @@ class _Pickler(pickle._Pickler):
         if all(s is not obj for s in self.storages):
             self.storages.append(obj)
         key = str(next(i for i, s in enumerate(self.storages) if s is obj))
-        return ("storage", Global("torch", STORAGE_CLASS[obj.dtype]), key, "cpu", obj.values.size)
+        return ("storage", marker("torch", STORAGE_CLASS[obj.dtype]), key, "cpu", obj.values.size)
 
 
 def _aligned(zf: zipfile.ZipFile, name: str, data: bytes, alignment: int = 64) -> None:
@@ -172,6 +193,56 @@ def save(obj, path) -> Path:
     return path
 
 
-def state_dict(weights: dict, dtype: str = "F32") -> dict:
-    """An OrderedDict of contiguous tensors, as model.state_dict() gives."""
-    return collections.OrderedDict((k, tensor(v, dtype)) for k, v in weights.items())
+class StateDict(collections.OrderedDict):
+    """What nn.Module.state_dict() returns: an OrderedDict with a `_metadata`
+    attribute, pickled as torch pickles it (a plain collections.OrderedDict + BUILD)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metadata = module_metadata(self)
+
+    def __reduce__(self):
+        return (marker("collections", "OrderedDict"), (), {"_metadata": Ordered(self._metadata)}, None,
+                iter(self.items()))
+
+
+def module_metadata(keys) -> collections.OrderedDict:
+    """state_dict()._metadata: {module prefix: {'version': 1}} for every module, the root ('') first."""
+    meta = collections.OrderedDict([("", {"version": 1})])
+    for key in keys:
+        parts = key.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            meta.setdefault(".".join(parts[:i]), {"version": 1})
+    return meta
+
+
+def state_dict(weights: dict, dtype: str = "F32") -> StateDict:
+    """model.state_dict() of contiguous tensors, `_metadata` included."""
+    return as_state_dict({k: tensor(v, dtype) for k, v in weights.items()})
+
+
+def as_state_dict(tensors: dict) -> StateDict:
+    return StateDict(tensors)
+
+
+def training_checkpoint(state: StateDict, iterations: int = 5000, epoch: int = 3, seed: int = 0) -> dict:
+    """CoreNet's training_checkpoint_*.pt (get_training_state): the model's state dict
+    under model_state_dict, beside AdamW's state (a step and two moments per
+    parameter), the EMA model's state dict, the gradient scaler's and the metric."""
+    rng = np.random.default_rng(seed)
+    names = list(state)
+    optim = {
+        "state": {i: {"step": tensor(np.float32(iterations)),
+                      "exp_avg": tensor(rng.standard_normal(state[n].size) * 1e-3),
+                      "exp_avg_sq": tensor(np.abs(rng.standard_normal(state[n].size)) * 1e-6)}
+                  for i, n in enumerate(names)},
+        "param_groups": [{"lr": 0.0053, "betas": (0.9, 0.95), "eps": 1e-08, "weight_decay": 0.1, "amsgrad": False,
+                          "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                          "fused": None, "params": list(range(len(names)))}],
+    }
+    ema = as_state_dict({n: tensor(values_of(t) * 0.5, t.storage.dtype) for n, t in state.items()})
+    return {"iterations": iterations, "epoch": epoch, "model_state_dict": state, "optim_state_dict": optim,
+            "best_metric": float("inf"), "is_interval_ckpt": False,
+            "gradient_scaler_state_dict": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                           "growth_interval": 2000, "_growth_tracker": 0},
+            "ema_state_dict": ema}

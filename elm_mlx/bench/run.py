@@ -2,6 +2,7 @@
 architecture, optionally quantized), the engines run on it (elm-mlx, mlx-lm's
 own OpenELM, a naive-RMSNorm copy) and the alternating, warmed-up runs."""
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -67,6 +68,7 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
         else:
             raise ElmError(f"--model {name!r} with --random-weights: expected a preset (270M, 450M, 1_1B, 3B) "
                            "or a folder with a config.json")
+        check_fits(cfg, parse_dtype(dtype or "bf16"), name)
         model = Model(cfg)  # nn.Linear/nn.Embedding initialise random weights
         model.set_dtype(parse_dtype(dtype or "bf16"))
         for _, p in tree_flatten(model.parameters()):  # one tensor at a time: no float32 copy of the whole model
@@ -77,6 +79,19 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
         model = load_model(resolve(name, dtype), dtype)
     quantize(model, quant)
     return model, clock() - start
+
+
+def check_fits(cfg, dtype, name: str) -> None:
+    """Random weights are built from the config alone: estimate their memory first
+    (a config from anywhere can ask for terabytes; MLX would crash, not fail)."""
+    from .machine import available_memory
+
+    need = cfg.num_parameters() * dtype.size + max(math.prod(s) for s in cfg.weight_shapes().values()) * 4
+    free = available_memory()
+    if free is not None and need > free:
+        raise ElmError(f"--model {name} --random-weights: that architecture needs {need / 1e9:,.1f} GB for its "
+                       f"weights ({cfg.num_parameters():,} parameters), and {free / 1e9:.1f} GB of memory is "
+                       "available: pick a smaller model")
 
 
 @dataclass
@@ -231,6 +246,8 @@ def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, q
         if json_file == "-":
             print(text)
         else:
-            Path(json_file).write_text(text + "\n")
+            from ..files import atomic_write_text
+
+            atomic_write_text(Path(json_file), text + "\n")
     mx.clear_cache()
     return runs
