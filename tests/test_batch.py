@@ -210,3 +210,25 @@ def test_frequency_and_presence_penalties_follow_openai():
     counts = mx.array([0.0, 1.0, 3.0, 0.0])
     out = apply_frequency_presence(logits, counts, 0.5, 0.25)
     assert out.tolist() == [[1.0, 0.25, -0.75, 1.0]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_forward_logits_equal_the_float64_reference(arch):
+    """The batch forward (decode rows and prompt chunks packed together, rows at different
+    lengths) against tests/reference.py's float64 NumPy forward of each whole sequence."""
+    from reference import reference_logits
+
+    from elm_mlx.batch import BatchCache, forward
+
+    cfg, weights = TINY[arch], random_weights(TINY[arch], seed=13)
+    model = build(cfg, weights)
+    ps = prompts(3, seed=14)
+    cache = BatchCache(model, 3)
+    forward(model, cache, [(0, ps[0]), (1, ps[1][:-1])], [True, True])  # two rows read their prompts
+    decode = [5, 7]
+    logits = forward(model, cache, [(0, [decode[0]]), (1, [ps[1][-1]]), (2, ps[2])], [True, True, True])
+    logits = logits.astype(mx.float32).tolist()
+    wholes = [ps[0] + [decode[0]], ps[1], ps[2]]
+    for row, seq in zip(logits, wholes):
+        ref = reference_logits(weights, cfg, seq)[-1]
+        assert np.abs(np.array(row) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
