@@ -163,13 +163,14 @@ def _timed(f):
 
 
 def blas_check(env, args) -> list:
-    """With a preloaded BLAS, the same 270M fp32 run without it (MLX's own)."""
-    if env["backend"] != "CPU" or not os.environ.get("LD_PRELOAD"):
+    """With an optimized BLAS bound (elm_mlx/blas.py, or LD_PRELOAD), the same
+    270M fp32 run without it (MLX's own)."""
+    if env["backend"] != "CPU" or "mlx_cpu.libs" in env.get("blas", "mlx_cpu.libs"):
         return []
-    environ = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    environ = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"} | {"ELM_MLX_BLAS": "none"}
     cmd = [str(Path(sys.executable).with_name("elm-mlx")), "bench", "--model", "270M", "--random-weights", "--dtype", "fp32",
            "--gen-tokens", "32", "--compare", "mlx-lm", "-n", "2", "--json", "-"]
-    say("270M fp32 without LD_PRELOAD: elm-mlx " + " ".join(cmd[1:]))
+    say("270M fp32 with ELM_MLX_BLAS=none: elm-mlx " + " ".join(cmd[1:]))
     done = subprocess.run(cmd, env=environ, capture_output=True, text=True)
     if done.returncode:
         say(done.stderr)

@@ -24,14 +24,14 @@ ROLES = ("system", "user", "assistant")
 
 class Chat:
     def __init__(self, model, tokenizer, template: ChatTemplate | None, system: str | None = None,
-                 max_tokens: int = 512, sampling: SamplingParams | None = None):
+                 max_tokens: int = 512, sampling: SamplingParams | None = None, compile: bool = True):
         self.tokenizer = tokenizer
         self.template = template
         self.system = system
         self.messages: list[dict] = []  # user and assistant turns; the system prompt stays apart
         self.max_tokens = max_tokens
         self.sampling = sampling or SamplingParams()
-        self.context = CachedContext(model)
+        self.context = CachedContext(model, compile)
         self.window = model.config.max_context_length
         self.dropped = 0  # turns dropped so far to fit the window
         self.last = None  # the last reply's final GenerationResponse

@@ -41,7 +41,11 @@ ModelOpt = Annotated[str, typer.Option(
     "1_1B, 3B, each also -Instruct; see `elm-mlx models`) or a hub id (apple/OpenELM-3B). Presets and hub ids "
     "are downloaded once into the Hugging Face cache and converted once.")]
 DtypeOpt = Annotated[Optional[DtypeName], typer.Option(
-    help="Compute dtype. Default: bf16 (as stored for converted folders).")]
+    help="Compute dtype. Default: fp32 on MLX's CPU backend (bf16 is several times slower there, also for "
+    "quantized weights); elsewhere bf16 (as stored for converted folders).")]
+NoCompileOpt = Annotated[bool, typer.Option(
+    "--no-compile", help="Decode with the eager forward instead of the compiled step (same tokens, slower; the "
+    "reference for comparisons).")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     help="Llama-2 tokenizer.model to use when the model folder has none (Apple's repos ship none); otherwise "
     "an ungated hub copy is fetched and checked.")]
@@ -215,6 +219,7 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input). BOS is prepended.")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=0,
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
+    no_compile: NoCompileOpt = False,
     *, choice: ModelChoice, sampling,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
@@ -231,7 +236,7 @@ def generate(
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
     last, interrupted = None, False
     try:
-        for last in stream_generate(model, tok, prompt, max_tokens, sampling=sampling):
+        for last in stream_generate(model, tok, prompt, max_tokens, sampling=sampling, compile=not no_compile):
             sys.stdout.write(last.text)
             sys.stdout.flush()
     except KeyboardInterrupt:  # the text so far stays printed; the exit code says it was cut short
@@ -300,6 +305,7 @@ def chat(
         help="System prompt (change it in the chat with /system TEXT).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
                                             help="Most tokens per reply; stops earlier at EOS.")] = 512,
+    no_compile: NoCompileOpt = False,
     *, choice: ModelChoice, sampling,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
@@ -311,7 +317,7 @@ def chat(
     model, tok = choice.load()
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
-    repl(Chat(model, tok, template, system, max_tokens, sampling), f"elm-mlx chat with {choice.model} ({how}).")
+    repl(Chat(model, tok, template, system, max_tokens, sampling, compile=not no_compile), f"elm-mlx chat with {choice.model} ({how}).")
 
 
 @app.command()
@@ -377,13 +383,14 @@ def bench(
         "and print the ratio per metric (needs `pip install \"elm-mlx[mlx-lm]\"`).")] = None,
     json_file: Annotated[Optional[str], typer.Option(
         "--json", help="Write the runs as a JSON list to FILE ('-': stdout, and the table goes to stderr).")] = None,
+    no_compile: NoCompileOpt = False,
 ):
     """Measure prompt, generation and total tok/s, time to first token, peak memory and memory bandwidth achieved."""
     from .bench import run_bench
 
     run_bench(model, random_weights=random_weights, method=method, dtype=dtype, quant=quant, gen_tokens=gen_tokens,
               prompt_tokens=prompt_tokens, repeats=repeats, compare=compare, json_file=json_file,
-              say=lambda msg: typer.echo(msg, err=True))
+              compile=not no_compile, say=lambda msg: typer.echo(msg, err=True))
 
 
 EVAL_INSTALL = 'elm-mlx eval needs lm-evaluation-harness: pip install "elm-mlx[eval]"'
@@ -472,6 +479,9 @@ def models():
 
 
 def main():
+    from . import blas
+
+    blas.bind()  # done by the package import already; the entry point states it
     try:
         app()
     except KeyboardInterrupt:  # outside a command (while typer parses, or at exit)

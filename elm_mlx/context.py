@@ -16,8 +16,9 @@ def common_prefix(a: list, b: list) -> int:
 
 
 class CachedContext:
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = True):
         self.model = model
+        self.compile = compile  # decode with the compiled step (False: the eager reference)
         self.cache = make_cache(model)
         self.ids: list[int] = []  # what the cache holds, position by position
         self.reused = 0  # prompt tokens the last stream() found in the cache
@@ -39,7 +40,7 @@ class CachedContext:
         tokens = []
         try:
             for r in stream_generate(self.model, tokenizer, ids[n:], max_tokens, cache=self.cache,
-                                     context=ids[:n], **kwargs):
+                                     context=ids[:n], compile=self.compile, **kwargs):
                 tokens.append(r.token)
                 yield r
         finally:

@@ -10,6 +10,7 @@ import mlx.core as mx
 from .cache import make_cache
 from .errors import ElmError, check_max_tokens, quoted
 from .sample import SamplingParams, SequenceSampler
+from .step import decode_step
 
 
 @dataclass
@@ -60,12 +61,16 @@ def check_ids(ids: list, vocab_size: int) -> None:
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
                     repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
-                    context=()):
+                    context=(), compile=True):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
-    penalty counts as it would without a cache. Validation is the caller's.
-    The draws come from the sequence's own random key (see sample.py), as in
-    the server's batches."""
+    penalty counts as it would without a cache. The prompt goes through the
+    eager forward; each later token through the compiled step
+    (elm_mlx/step.py), or the eager forward too with compile=False (the
+    reference it equals; also used for the frequency and presence penalties,
+    which the compiled step does not have). The draws come from the sequence's
+    own random key (see sample.py), as in the server's batches. Validation is
+    the caller's."""
     sampler = SequenceSampler(model.config.vocab_size, list(context) + list(prompt_ids), temp=temp, top_k=top_k,
                               top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                               frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
@@ -76,6 +81,14 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 
     y = step(mx.array(prompt_ids))
     mx.async_eval(y)
+    if compile and sampler.counts is None:
+        fast = decode_step(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                           repetition_penalty=repetition_penalty)
+
+        def step(tokens):
+            y, sampler.seen = fast(tokens, cache, sampler.seen, sampler.next_key())
+            return y
+
     while True:
         next_y = step(y)
         mx.async_eval(next_y)
@@ -84,7 +97,7 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 
 
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(),
-                    sampling: SamplingParams | None = None, **sampling_args):
+                    sampling: SamplingParams | None = None, compile: bool = True, **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
@@ -92,7 +105,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     With `cache` (from make_cache, possibly holding earlier turns) the prompt
     continues what the cache holds, and the cache keeps the new context; the
     repetition penalty then sees this prompt, its output and `context` (pass
-    the ids the cache holds to penalize them too)."""
+    the ids the cache holds to penalize them too). compile=False decodes
+    with the eager forward (the reference; see generate_tokens)."""
     sampling = sampling or SamplingParams(**sampling_args)
     max_tokens = check_max_tokens(max_tokens)
     window = model.config.max_context_length
@@ -105,7 +119,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
-    for n, token in enumerate(generate_tokens(model, ids, cache=cache, context=context, **asdict(sampling)), start=1):
+    for n, token in enumerate(generate_tokens(model, ids, cache=cache, context=context, compile=compile,
+                                                       **asdict(sampling)), start=1):
         now = time.perf_counter()
         if n == 1:
             first, prompt_tps = now, len(ids) / (now - tic)

@@ -15,11 +15,41 @@ from .quant import quantize_model, read_quantization
 from .tokenizer import check_tokenizer_json, load_tokenizer
 
 
+_told = set()
+
+
+def cpu_backend() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def compute_dtype(dtype: str | None) -> str | None:
+    """The dtype the front ends (load(), generate, chat, serve, bench) compute
+    in: the one asked for, else "fp32" on the CPU backend, whatever the
+    weights are stored in (quantized weights stay quantized, with float32
+    activations): MLX's CPU bf16/fp16 kernels and quantized matmuls with bf16
+    activations are 2-10x slower than float32 there (BENCHMARKS.md). Else
+    None (load_model's as-stored default). Says so once on stderr, with the
+    BLAS hint when no optimized BLAS is bound."""
+    if not cpu_backend():
+        return dtype
+    from . import blas
+
+    blas.hint_if_missing(True)
+    if dtype is not None:
+        return dtype
+    if "dtype" not in _told:
+        _told.add("dtype")
+        print("elm-mlx: computing in fp32 on MLX's CPU backend (bf16 is several times slower there); "
+              "--dtype overrides", file=sys.stderr)
+    return "fp32"
+
+
 def load_model(folder: Path, dtype=None) -> Model:
     """dtype None: as stored for a folder elm-mlx wrote (its dtype was chosen
     at conversion) and for quantized folders, bfloat16 for anything else.
     Never float16 by default: the 3B's activations overflow it, so a quantized
-    3B stored with float16 scales computes in bfloat16 too."""
+    3B stored with float16 scales computes in bfloat16 too. (The front ends
+    pass compute_dtype(...): float32 on the CPU backend.)"""
     folder = Path(folder)
     raw = read_config(folder / "config.json")
     cfg = OpenELMConfig.from_dict(raw, source=str(folder / "config.json"))
@@ -42,10 +72,11 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     """(model, tokenizer) from a model folder (Apple's HF layout or one
     `elm-mlx convert` wrote), a preset ("270M", "1_1B-Instruct", ...) or a hub
     id ("apple/OpenELM-3B"); hub models are downloaded and converted once.
-    dtype: "bf16" (default), "fp16" or "fp32". tokenizer: a tokenizer.model
+    dtype: "bf16", "fp16" or "fp32"; default fp32 on the CPU backend, else
+    bf16 (as stored for converted folders). tokenizer: a tokenizer.model
     used when the model folder has none."""
-    folder = resolve(str(name_or_path), dtype, tokenizer)
-    model, tok = load_model(folder, dtype), load_tokenizer(folder, tokenizer)
+    folder = resolve(str(name_or_path), dtype, tokenizer)  # the hub copy keeps its stored dtype
+    model, tok = load_model(folder, compute_dtype(dtype)), load_tokenizer(folder, tokenizer)
     check_tokenizer_json(folder, tok)
     check_vocabularies(model.config.vocab_size, tok, folder)
     tok.chat_template = find_template(folder, str(name_or_path))

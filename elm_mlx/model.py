@@ -1,9 +1,18 @@
 """OpenELM in MLX. Every layer has its own query/KV head count and FFN width
 (layer-wise scaling); module names follow Apple's HF checkpoints so their
-safetensors load without renaming."""
+safetensors load without renaming.
+
+Two forwards share the layers' arithmetic: `Model.__call__` is the eager
+reference (any number of tokens, the cache grows and is sliced in Python), and
+`Model.decode` is a pure function of one token, its position as an array and
+fixed-size KV buffers, so that `mx.compile` traces it once per buffer size and
+replays it for every token (elm_mlx/step.py)."""
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import OpenELMConfig
 
@@ -22,22 +31,63 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x, mask=None, cache=None):
+    def qkv(self, x, offset):
+        """Queries, keys and values [B, heads, L, head_dim] of x, rotated for
+        positions offset.. (an int, or an int32 array in a compiled step)."""
         B, L, _ = x.shape
         qkv = self.qkv_proj(x).reshape(B, L, self.n_q + 2 * self.n_kv, self.head_dim)
         q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [self.n_q, self.n_q + self.n_kv], axis=1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         # Keys are cached after RoPE, so each step rotates only its new positions.
-        offset = cache.offset if cache is not None else 0
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        return q, k, v
+
+    def attend(self, q, k, v, mask):
         # GQA: SDPA maps query head h to KV head h // (n_q / n_kv) itself, so
         # K and V are never repeated.
+        B, _, L, _ = q.shape
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def __call__(self, x, mask=None, cache=None):
+        q, k, v = self.qkv(x, cache.offset if cache is not None else 0)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.attend(q, k, v, mask)
+
+    def decode(self, x, offset, rope, visible, keys, values):
+        """One token x[B, 1, dim] at position `offset` (int32 array [1]):
+        its key and value are written into the fixed-size buffers keys/values
+        [B, kv_heads, capacity, head_dim] at that position, and it attends to
+        the positions `visible` (bool [capacity]) marks. Heads-major is a
+        reshape when L = 1. `rope`: the position's rotation as a [head_dim,
+        head_dim] matrix (Model.rope_matrix), with attention as an explicit
+        GQA matmul pair: fewer, larger ops than the CPU backend's composed
+        mx.fast kernels, since a CPU decode step is bound by their count.
+        None: mx.fast.rope and mx.fast.scaled_dot_product_attention, single
+        kernels on a GPU. -> (out, keys, values)"""
+        B, n_q, n_kv, hd = x.shape[0], self.n_q, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x).reshape(B, n_q + 2 * n_kv, 1, hd)
+        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is None:
+            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offset[0])
+            q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
+        else:
+            q, k = q @ rope, k @ rope
+        keys = mx.slice_update(keys, k, offset, axes=(2,))
+        values = mx.slice_update(values, v, offset, axes=(2,))
+        if rope is None:
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=hd**-0.5, mask=visible)
+        else:
+            # Query head h reads KV head h // (n_q / n_kv), as SDPA does.
+            q = (q * hd**-0.5).reshape(B, n_kv, n_q // n_kv, hd)
+            scores = mx.where(visible, q @ keys.swapaxes(-1, -2), -mx.inf)
+            out = mx.softmax(scores, axis=-1, precise=True) @ values
+        return self.out_proj(out.reshape(B, 1, n_q * hd)), keys, values
 
 
 class FeedForward(nn.Module):
@@ -63,6 +113,11 @@ class Block(nn.Module):
     def __call__(self, x, mask=None, cache=None):
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
+
+    def decode(self, x, offset, rope, visible, keys, values):
+        a, keys, values = self.attn.decode(self.attn_norm(x), offset, rope, visible, keys, values)
+        h = x + a
+        return h + self.ffn(self.ffn_norm(h)), keys, values
 
 
 class Transformer(nn.Module):
@@ -105,6 +160,42 @@ class Model(nn.Module):
         if "lm_head" in self:
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)
+
+    def decode(self, token, offset, keys: list, values: list, fused_kernels: bool | None = None):
+        """The compiled step's forward (see the module docstring): token int32
+        [B, 1] at position offset (int32 array [1]), per-layer KV buffers of
+        one capacity that hold positions < offset. -> (logits [B, vocab],
+        keys, values) with this token's key and value written in.
+        fused_kernels: use mx.fast's RoPE and attention kernels (default:
+        on a GPU backend; see Attention.decode)."""
+        t = self.transformer
+        if fused_kernels is None:
+            fused_kernels = mx.default_device() != mx.cpu
+        visible = mx.arange(keys[0].shape[2]) <= offset
+        rope = None if fused_kernels else self.rope_matrix(offset)
+        h = t.token_embeddings(token)
+        new_keys, new_values = [], []
+        for layer, k, v in zip(t.layers, keys, values):
+            h, k, v = layer.decode(h, offset, rope, visible, k, v)
+            new_keys.append(k)
+            new_values.append(v)
+        return self.head(t.norm(h))[:, -1, :], new_keys, new_values
+
+    def rope_matrix(self, offset):
+        """R with x @ R == mx.fast.rope(x, offset=offset) (non-traditional,
+        every dimension rotated): built once per step and shared by all
+        layers. The angles are computed as MLX's rope does, bit for bit."""
+        hd, half = self.config.head_dim, self.config.head_dim // 2
+        inv_freq = mx.exp(-mx.arange(half, dtype=mx.float32) * (math.log(self.config.rope_freq_constant) / half))
+        angle = offset.astype(mx.float32) * inv_freq
+        cos, sin = mx.cos(angle), mx.sin(angle)
+        # x @ R: out[j] = x[j] cos - x[j + half] sin, out[j + half] = x[j + half] cos + x[j] sin.
+        eye = np.eye(hd, dtype=np.float32)
+        swap = np.zeros((hd, hd), np.float32)
+        swap[np.arange(half) + half, np.arange(half)] = -1
+        swap[np.arange(half), np.arange(half) + half] = 1
+        rope = mx.array(eye) * mx.concatenate([cos, cos]) + mx.array(swap) * mx.concatenate([sin, sin])
+        return rope.astype(self.transformer.norm.weight.dtype)
 
     @property
     def layers(self):

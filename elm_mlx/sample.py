@@ -59,10 +59,15 @@ def _number(v) -> bool:
     return (_integer(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-def make_filter(temp, top_k=0, top_p=1.0, min_p=0.0):
-    """logits[B, V] -> float32 logits / temp with the tokens top-k, top-p and min-p drop at -inf (temp > 0)."""
+def make_filter(temp, top_k=0, top_p=1.0, min_p=0.0, values=None):
+    """logits[B, V] -> float32 logits / temp with the tokens top-k, top-p and min-p drop at -inf
+    (temp > 0). values: arrays standing in for (temp, top_p, min_p) in the arithmetic while the
+    numbers pick which filters run, so that a compiled step (elm_mlx/step.py) traces once for
+    every temperature instead of once per value."""
+    t, p, m = (temp, top_p, min_p) if values is None else values
+
     def filter_(logits):
-        logits = logits.astype(mx.float32) / temp
+        logits = logits.astype(mx.float32) / t
         if 0 < top_k < logits.shape[-1]:
             kth = mx.sort(logits, axis=-1)[..., -top_k, None]
             logits = mx.where(logits < kth, -mx.inf, logits)
@@ -70,22 +75,22 @@ def make_filter(temp, top_k=0, top_p=1.0, min_p=0.0):
             order = mx.argsort(-logits, axis=-1)
             probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
             # Keep the smallest prefix whose mass reaches top_p (always the first token).
-            drop = (mx.cumsum(probs, axis=-1) - probs) >= top_p
+            drop = (mx.cumsum(probs, axis=-1) - probs) >= p
             logits = mx.put_along_axis(logits, order, mx.where(drop, -mx.inf, mx.take_along_axis(logits, order, axis=-1)), axis=-1)
         if min_p > 0.0:
             probs = mx.softmax(logits, axis=-1)
-            logits = mx.where(probs < min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
+            logits = mx.where(probs < m * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
         return logits
 
     return filter_
 
 
-def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
+def make_sampler(temp=0.0, top_k=0, top_p=1.0, min_p=0.0, values=None):
     """(logits[B, V], key=None) -> token ids[B]. Greedy when temp is 0; without a key
-    the draw uses MLX's global generator."""
+    the draw uses MLX's global generator. values: as make_filter's."""
     if temp == 0:
         return lambda logits, key=None: mx.argmax(logits, axis=-1)
-    filter_ = make_filter(temp, top_k, top_p, min_p)
+    filter_ = make_filter(temp, top_k, top_p, min_p, values)
     return lambda logits, key=None: mx.random.categorical(filter_(logits), key=key)
 
 
@@ -139,13 +144,19 @@ class SequenceSampler:
             logits = apply_frequency_presence(logits, self.counts, self.frequency_penalty, self.presence_penalty)
         return logits.astype(mx.float32) if self.filter is None else self.filter(logits)
 
+    def next_key(self):
+        """The key for this token's draw (None when greedy); the sequence's key moves on."""
+        if self.key is None:
+            return None
+        self.key, key = mx.random.split(self.key)
+        return key
+
     def __call__(self, logits):
         logits = self.transform(logits)
         if self.filter is None:
             y = mx.argmax(logits, axis=-1)
         else:
-            self.key, key = mx.random.split(self.key)
-            y = mx.random.categorical(logits, key=key)
+            y = mx.random.categorical(logits, key=self.next_key())
         if self.seen is not None:
             self.seen[y] = True
         if self.counts is not None:

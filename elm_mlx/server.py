@@ -790,7 +790,7 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
           allowed_origins: tuple = (), api_key: str | None = None):
     from .chat_template import choose_template
     from .hub import resolve
-    from .load import load_model
+    from .load import compute_dtype, load_model
     from .tokenizer import load_tokenizer
 
     folder = resolve(name, dtype, tokenizer_file)
@@ -800,7 +800,7 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     if max_batch < 1:
         raise ElmError(f"--max-batch {max_batch}: expected >= 1")
     sock = bind(host, port)
-    worker = Worker(lambda: load_model(folder, dtype), tokenizer, max_batch)
+    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, max_batch)
     model = worker.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,

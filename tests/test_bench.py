@@ -169,6 +169,14 @@ def test_every_engine_generates_the_same_greedy_tokens(quant):
         streams.append([next(it) for _ in range(10)])
         it.close()
     assert streams[0] == streams[1] == streams[2]
+    eager = b.elm_engine(model, compile=False)
+    assert eager.name == "elm-mlx eager"
+    it = eager.tokens(ids)
+    assert [next(it) for _ in range(10)] == streams[0]
+    it.close()
+    for e in engines[:2] + [eager]:  # the host-cost probes issue the same steps
+        one = e.issue(ids)
+        assert [one().item() for _ in range(9)] == streams[0][1:]
     ours = dict(nn.utils.tree_flatten(model.parameters()))
     for e in engines[1:]:  # shared arrays, no copies
         theirs = dict(nn.utils.tree_flatten(e.model.parameters()))
@@ -203,6 +211,30 @@ def test_measure_alternates_engines_and_reports_each_run():
     r = runs[0]  # its clock readings are 6, 7, 8
     assert r["prompt_tps"] == 3.0 and r["generation_tps"] == 3.0 and r["total_tps"] == 3.5 and r["ttft_s"] == 2.0
     assert r["bytes_per_token"] == b.weight_bytes_per_token(model) + b.kv_bytes_per_token(model) * 5
+    assert all(r["same_output"] for r in runs)
+
+
+def test_host_ms_times_building_the_step_not_running_it():
+    issued = []
+
+    def issue():
+        issued.append(1)
+        return mx.array(1)
+
+    assert b.host_ms(issue, steps=2, clock=FakeClock([0.0, 0.002, 1.0, 1.004])) == pytest.approx(3.0)
+    assert len(issued) == 3  # a first, untimed step (traces, grows caches)
+
+
+def test_measure_flags_an_engine_whose_tokens_differ():
+    model = tiny_model()
+    def counting(start):
+        return lambda ids: (t for t in count(start))
+    engines = [b.Engine("A", model, counting(0)), b.Engine("B", model, counting(1))]
+    info = {"load_s": 1.0, "machine_bandwidth_gbps": 10.0, "model": "tiny"}
+    runs = b.measure(engines, [1, 2, 3], 4, 2, info, clock=FakeClock([float(t) for t in range(100)]))
+    assert [(r["engine"], r["same_output"]) for r in runs] == [("A", True), ("B", False), ("B", False), ("A", True)]
+    assert "DIFFERENT 4 token ids" in b.table([{**r, "dtype": "fp32", "method": "paper", "mlx_version": "x",
+                                                  "backend": "CPU", "bandwidth_probe": "p"} for r in runs])
 
 
 # ---------------------------------------------------------------- the command
@@ -266,7 +298,7 @@ def test_bad_flags_say_what_is_wrong(tiny_folder, args, message):
 def test_a_checkpoint_folder_is_loaded_and_timed_from_the_start_of_loading(tmp_path):
     make_hf_checkpoint(tmp_path, TINY64, seed=3, dtype="BF16")
     runs, _ = bench_json("--model", str(tmp_path), "--gen-tokens", "3", random_weights=False)
-    assert runs[0]["dtype"] == "bf16" and runs[0]["load_s"] > 0
+    assert runs[0]["dtype"] == "fp32" and runs[0]["load_s"] > 0  # the CPU backend computes a bf16 checkpoint in fp32
     assert runs[0]["ttft_s"] > runs[0]["load_s"]
 
 

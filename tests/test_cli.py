@@ -38,6 +38,28 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(with_tokenizer):
     assert "prompt: 5 tokens" in r.stderr and "generation: 12 tokens" in r.stderr and "peak memory" in r.stderr
 
 
+def test_no_compile_decodes_the_same_text_with_the_eager_forward(with_tokenizer, monkeypatch):
+    args = ["generate", "-M", str(with_tokenizer), "Once upon a time", "-m", "16", "--temp", "0.8", "--top-p", "0.9",
+            "--seed", "3", "--repetition-penalty", "1.2"]
+    compiled = runner.invoke(app, args)
+    assert compiled.exit_code == 0, compiled.stderr
+
+    def no_compiled_step(*a, **k):
+        raise AssertionError("--no-compile used the compiled step")
+
+    monkeypatch.setattr(sys.modules["elm_mlx.generate"], "decode_step", no_compiled_step)
+    eager = runner.invoke(app, args + ["--no-compile"])
+    assert eager.exit_code == 0, eager.stderr
+    assert eager.stdout == compiled.stdout and "generation: 16 tokens" in eager.stderr
+
+
+# serve decodes through the batch engine's packed eager forward (elm_mlx/batch.py), never the compiled step
+@pytest.mark.parametrize("command", ["generate", "chat", "bench"])
+def test_every_decoding_command_takes_no_compile(command):
+    r = runner.invoke(app, [command, "--help"])
+    assert r.exit_code == 0 and "--no-compile" in r.stdout
+
+
 def test_tokenizer_flag_serves_a_folder_without_one(folder, llama_tokenizer):
     r = runner.invoke(app, ["generate", "-M", str(folder), "Hi", "-m", "3", "--tokenizer",
                             str(llama_tokenizer), "--temp", "0.8", "--top-p", "0.9", "--seed", "1",

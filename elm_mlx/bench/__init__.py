@@ -24,6 +24,7 @@ from .run import (
     Engine,
     NaiveRMSNorm,
     elm_engine,
+    host_ms,
     load_bench_model,
     measure,
     mlx_lm_engine,
@@ -40,7 +41,7 @@ from .run import (
 __all__ = [
     "JSON_KEYS", "Stamps", "bandwidth", "kv_bytes_per_token", "mean_std", "run_metrics", "summarize", "table",
     "weight_bytes_per_token", "backend", "blas_library", "environment", "memory_bandwidth", "METHODS",
-    "PAPER_PROMPT", "PAPER_PROMPT_IDS", "Engine", "NaiveRMSNorm", "elm_engine", "load_bench_model",
+    "PAPER_PROMPT", "PAPER_PROMPT_IDS", "Engine", "NaiveRMSNorm", "elm_engine", "host_ms", "load_bench_model",
     "measure", "mlx_lm_engine", "naive_norm_engine", "prompt_ids", "run_bench", "quant_label", "quantize", "quantize_like", "quantized_paths",
     "time_run",
 ]

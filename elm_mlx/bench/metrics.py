@@ -2,6 +2,7 @@
 readings (prompt start, first token, last token) and every reported number is
 a ratio of a token or byte count to one of their windows."""
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ def run_metrics(s: Stamps, prompt_tokens: int, gen_tokens: int, load_s: float) -
     return {
         "prompt_tps": prompt_tokens / (s.first - s.start),
         "generation_tps": (gen_tokens - 1) / after_first if gen_tokens > 1 else 0.0,
+        "ms_per_token": 1e3 * after_first / (gen_tokens - 1) if gen_tokens > 1 else 0.0,
         "total_tps": (prompt_tokens + gen_tokens) / (s.end - s.start),
         "ttft_s": load_s + s.first - s.start,
         "load_s": load_s,
@@ -53,7 +55,10 @@ def bandwidth(weight_bytes: int, kv_bytes_per_token: int, prompt_tokens: int, ge
 
 
 def mean_std(values: list) -> tuple:
-    """Mean and sample standard deviation (llama-bench's ±); std 0 for one value."""
+    """Mean and sample standard deviation (llama-bench's ±); std 0 for one
+    value, and for values that were not measured (nan)."""
+    if any(math.isnan(v) for v in values):
+        return float("nan"), 0.0
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
@@ -75,7 +80,8 @@ def kv_bytes_per_token(model) -> int:
     return model.config.kv_bytes_per_token(model.dtype.size)
 
 
-COLUMNS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("total_tps", "total tok/s"),
+COLUMNS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("ms_per_token", "ms/token"),
+           ("host_ms_per_token", "host ms/token"), ("total_tps", "total tok/s"),
            ("ttft_s", "TTFT s"), ("peak_memory_gb", "peak GB"), ("bandwidth_gbps", "GB/s"), ("bandwidth_pct", "% bw")]
 
 
@@ -85,7 +91,7 @@ def summarize(runs: list) -> dict:
     for r in runs:
         out.setdefault(r["engine"], {k: [] for k, _ in COLUMNS})
         for k, _ in COLUMNS:
-            out[r["engine"]][k].append(r[k])
+            out[r["engine"]][k].append(r.get(k, float("nan")))
     return {e: {k: mean_std(v) for k, v in cols.items()} for e, cols in out.items()}
 
 
@@ -111,5 +117,10 @@ def table(runs: list) -> str:
                   for k, _ in COLUMNS]
         lines.append(f"{'ratio':<16}" + "".join(f"{r:>19.3f}x" for r in ratios))
         lines.append(f"(ratio = {ours} / mlx-lm, means: > 1 is faster for tok/s and GB/s, < 1 is better for "
-                     "TTFT and memory)")
+                     "ms, TTFT and memory)")
+        lines.append("(host ms/token: building one decode step's graph in Python and MLX, before it runs)")
+    if len(stats) > 1 and all("same_output" in r for r in runs):
+        same = all(r["same_output"] for r in runs)
+        lines.append(f"output: {'the same' if same else 'DIFFERENT'} {r0['gen_tokens']} token ids in every run of "
+                     "every engine")
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
 
     from ..checkpoint import parse_dtype
     from ..config import OpenELMConfig, preset_name
-    from ..load import load_model
+    from ..load import compute_dtype, load_model
     from ..model import Model
 
     start = clock()
@@ -70,13 +70,13 @@ def load_bench_model(name: str, dtype: str | None, random_weights: bool, quant: 
                            "or a folder with a config.json")
         check_fits(cfg, parse_dtype(dtype or "bf16"), name)
         model = Model(cfg)  # nn.Linear/nn.Embedding initialise random weights
-        model.set_dtype(parse_dtype(dtype or "bf16"))
+        model.set_dtype(parse_dtype(compute_dtype(dtype) or "bf16"))
         for _, p in tree_flatten(model.parameters()):  # one tensor at a time: no float32 copy of the whole model
             mx.eval(p)
     else:
         from ..hub import resolve
 
-        model = load_model(resolve(name, dtype), dtype)
+        model = load_model(resolve(name, dtype), compute_dtype(dtype))
     quantize(model, quant)
     return model, clock() - start
 
@@ -101,12 +101,34 @@ class Engine:
     name: str
     model: object
     tokens: Callable[[list], Iterator[int]]
+    # prompt ids -> a function that builds one decode step's graph and
+    # returns its lazy token, unevaluated: what the host pays per token.
+    issue: Callable[[list], Callable[[], mx.array]] | None = None
 
 
-def elm_engine(model, name="elm-mlx") -> Engine:
+def elm_engine(model, name=None, compile=True) -> Engine:
+    """elm-mlx's generation loop: the compiled decode step, or with
+    compile=False the eager forward ("elm-mlx eager")."""
+    from ..cache import make_cache
     from ..generate import generate_tokens
+    from ..step import decode_step
 
-    return Engine(name, model, lambda ids: generate_tokens(model, ids))
+    def issue(ids):
+        cache = make_cache(model)
+        y = mx.argmax(model(mx.array([ids]), cache, last_only=True)[:, -1, :], axis=-1)
+        step = decode_step(model) if compile else None
+
+        def one():
+            nonlocal y
+            if compile:
+                y, _ = step(y, cache, None)
+            else:
+                y = mx.argmax(model(y[None], cache, last_only=True)[:, -1, :], axis=-1)
+            return y
+        return one
+
+    name = name or ("elm-mlx" if compile else "elm-mlx eager")
+    return Engine(name, model, lambda ids: generate_tokens(model, ids, compile=compile), issue)
 
 
 def mlx_lm_engine(model) -> Engine:
@@ -127,7 +149,19 @@ def mlx_lm_engine(model) -> Engine:
         finally:
             mx.synchronize(generation_stream)  # mlx-lm queues its steps on its own stream
 
-    return Engine("mlx-lm", theirs, tokens)
+    def issue(ids):
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(theirs)
+        y = mx.argmax(theirs(mx.array([ids]), cache=cache)[:, -1, :], axis=-1)
+
+        def one():  # the body of generate_step's _step for a greedy sampler
+            nonlocal y
+            y = mx.argmax(theirs(y[None], cache=cache)[:, -1, :], axis=-1)
+            return y
+        return one
+
+    return Engine("mlx-lm", theirs, tokens, issue)
 
 
 class NaiveRMSNorm(nn.Module):
@@ -163,13 +197,32 @@ def naive_norm_engine(model) -> Engine:
     return elm_engine(naive, name="naive RMSNorm")
 
 
-def time_run(tokens: Iterator[int], n: int, clock=time.perf_counter) -> Stamps:
-    """Draw n tokens; the iterator does no work before it is first advanced."""
+HOST_STEPS = 32
+
+
+def host_ms(issue: Callable[[], mx.array], steps: int = HOST_STEPS, clock=time.perf_counter) -> float:
+    """Mean milliseconds the host spends building one decode step's graph
+    (Python and MLX graph construction, nothing evaluated inside the window);
+    each step is evaluated after its reading so the next one starts idle."""
+    mx.eval(issue())  # a first step: traces a compiled step, grows caches
+    total = 0.0
+    for _ in range(steps):
+        t = clock()
+        y = issue()
+        total += clock() - t
+        mx.eval(y)
+    return 1e3 * total / steps
+
+
+def time_run(tokens: Iterator[int], n: int, clock=time.perf_counter, out: list | None = None) -> Stamps:
+    """Draw n tokens (appended to `out` when given); the iterator does no
+    work before it is first advanced."""
+    out = [] if out is None else out
     start = clock()
-    next(tokens)
+    out.append(next(tokens))
     first = clock()
     for _ in range(n - 1):
-        next(tokens)
+        out.append(next(tokens))
     end = clock()
     tokens.close()
     mx.synchronize()  # the step queued behind the last token finishes outside the window
@@ -197,24 +250,29 @@ def measure(engines: list, ids: list, gen_tokens: int, repeats: int, info: dict,
     counted on the first engine's model: all engines share its arrays."""
     progress = progress or (lambda msg: None)
     weights, kv = weight_bytes_per_token(engines[0].model), kv_bytes_per_token(engines[0].model)
+    host = {}
     for e in engines:
         progress(f"warm-up: {e.name}")
         time_run(e.tokens(ids), min(WARMUP_TOKENS, gen_tokens), clock)
-    runs = []
+        host[e.name] = host_ms(e.issue(ids)) if e.issue else float("nan")
+    runs, first_output = [], None
     for r in range(repeats):
         for e in engines if r % 2 == 0 else engines[::-1]:
             progress(f"run {r + 1}/{repeats}: {e.name}, {len(ids)} prompt + {gen_tokens} generated tokens")
             mx.reset_peak_memory()
-            stamps = time_run(e.tokens(ids), gen_tokens, clock)
+            drawn = []
+            stamps = time_run(e.tokens(ids), gen_tokens, clock, drawn)
+            first_output = first_output or drawn
             m = run_metrics(stamps, len(ids), gen_tokens, info["load_s"])
             m.update(bandwidth(weights, kv, len(ids), gen_tokens, m["generation_tps"], info["machine_bandwidth_gbps"]))
             runs.append({**info, "engine": e.name, "repeat": r, "prompt_tokens": len(ids),
-                         "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9})
+                         "gen_tokens": gen_tokens, **m, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                         "host_ms_per_token": host[e.name], "same_output": drawn == first_output})
     return runs
 
 
 def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, quant=None, gen_tokens=None,
-              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print) -> list:
+              prompt_tokens=None, repeats=None, compare=None, json_file=None, say=print, compile=True) -> list:
     """`elm-mlx bench`: load (or build) the model, time the engines, print the
     table (stderr when the JSON goes to stdout) and write the JSON runs."""
     import json
@@ -238,7 +296,7 @@ def run_bench(model: str, *, random_weights=False, method="paper", dtype=None, q
     say("probing memory bandwidth ...")
     info = {"model": model, "dtype": dtype_label(model_.dtype), "quant": quant_label(model_), "method": method,
             "load_s": load_s, **environment()}
-    engines = [elm_engine(model_)] + ([mlx_lm_engine(model_)] if compare else [])
+    engines = [elm_engine(model_, compile=compile)] + ([mlx_lm_engine(model_)] if compare else [])
     runs = measure(engines, ids, gen_tokens, repeats, info, progress=say)
     print(table(runs), file=sys.stderr if json_file == "-" else sys.stdout)
     if json_file:

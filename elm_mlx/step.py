@@ -1,0 +1,93 @@
+"""The compiled decode step: one token through the model, the repetition
+penalty and the sampler as one `mx.compile`d function.
+
+Decoding a small model is bound by the cost of issuing work, not by
+arithmetic: an eager step of a 28-layer model builds ~4,000 MLX graph nodes
+in Python and the CPU backend runs them one by one. Here the step is a pure
+function of (token, position as an int32 array, the whole fixed-size KV
+buffers of elm_mlx/cache.py, the repetition penalty's seen-set), so MLX
+traces it once per cache capacity (a bucket of 256 positions), fuses its
+elementwise work, and replays the trace for every token: no Python graph
+building per token, ~1,400 nodes for that model (gpt-fast's design on MLX;
+Model.decode holds the step's forward). Prefill and
+speculative verification stay eager (Model.__call__), which is also the
+reference this step must equal (tests/test_step.py)."""
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .sample import apply_repetition_penalty, make_sampler
+
+
+def _structure(temp, top_k, top_p, min_p, penalty) -> tuple:
+    """What the trace depends on: which filters run (and top-k's k, a shape).
+    The values themselves are array inputs (`_knobs`), so one trace, and one
+    set of fused kernels, serves every temperature a server is asked for."""
+    return (temp != 0, top_k, top_p < 1.0, min_p > 0.0, penalty != 1.0)
+
+
+def _knobs(temp, top_p, min_p, penalty) -> mx.array:
+    return mx.array([temp or 1.0, top_p, min_p, penalty], mx.float32)
+
+
+def _trace(model, structure: tuple):
+    """The compiled function for one sampling structure: (token[B, 1],
+    offset[1], keys, values, seen, knobs, key) -> (next token[B], keys, values, seen)."""
+    sampled, top_k, use_top_p, use_min_p, penalized = structure
+
+    def step(token, offset, keys, values, seen, knobs, key):
+        logits, keys, values = model.decode(token, offset, keys, values)
+        if penalized:  # in the logits' dtype, as the eager path's Python float is
+            logits = apply_repetition_penalty(logits, seen, knobs[3].astype(logits.dtype))
+        # Python numbers choose the filters; knobs[0..2] are their values.
+        sampler = make_sampler(float(sampled), top_k, 0.5 if use_top_p else 1.0, 0.5 if use_min_p else 0.0,
+                               values=(knobs[0], knobs[1], knobs[2]))
+        y = sampler(logits, key if sampled else None)
+        if penalized:
+            seen = seen | (mx.arange(seen.shape[-1]) == y[:, None]).any(axis=0)
+        return y, keys, values, seen
+
+    # The weights are constants of the trace (passing them as inputs would
+    # swap the model's array objects during tracing); decode_step retraces
+    # when they change. A sampled draw takes the sequence's own random key
+    # (sample.py's SequenceSampler), so that seeded sampling draws what the
+    # eager path, and the server's batches, draw.
+    return mx.compile(step)
+
+
+def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
+    """step(token [B] ids, cache, seen, key=None) -> (next ids [B], seen): one token
+    through the compiled step; the cache (holding at least the prompt, from
+    the eager forward) advances by one position. seen
+    (bool [vocab]) is the repetition penalty's set, None when it is off.
+    Traces are kept on the model, so later calls (chat turns, server
+    requests) reuse them."""
+    structure = _structure(temp, top_k, top_p, min_p, repetition_penalty)
+    knobs = _knobs(temp, top_p, min_p, repetition_penalty)
+    weights = tuple(id(p) for _, p in tree_flatten(model.parameters()))
+    traces = model.__dict__.setdefault("_elm_decode_steps", {})
+    if traces.get("weights") != weights:  # new weights loaded: the old traces hold the old ones
+        traces.clear()
+        traces["weights"] = weights
+    if structure not in traces:
+        traces[structure] = _trace(model, structure)
+    fn = traces[structure]
+    placeholder, no_key = mx.array(False), mx.zeros((2,), mx.uint32)
+
+    def step(token, cache, seen, key=None):
+        c0 = cache[0]
+        if c0.keys is None:
+            raise ValueError("decode_step: the cache is empty; run the prompt through the model first")
+        for c in cache:
+            c.reserve(1, c.keys, c.values)
+        offset = mx.array([c0.offset], mx.int32)
+        if key is None:  # greedy; or a caller without a sequence key: one from MLX's global generator
+            key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32) if structure[0] else no_key
+        y, keys, values, seen_out = fn(token.reshape(-1, 1), offset, [c.keys for c in cache],
+                                       [c.values for c in cache], placeholder if seen is None else seen, knobs, key)
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values = k, v
+            c.offset += 1
+        return y, (None if seen is None else seen_out)
+
+    return step
