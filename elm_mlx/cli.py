@@ -378,7 +378,6 @@ def chat(
 
 @app.command()
 @user_errors
-@speculation_options
 @sampling_options(temp=0.7, top_p=0.9, repetition_penalty=1.2)
 @model_options
 def serve(
@@ -388,22 +387,29 @@ def serve(
                                       help="Port to listen on (0 picks a free one and prints it).")] = 8080,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
                                             help="Default max_tokens for requests without one.")] = 512,
-    no_compile: NoCompileOpt = False,
-    *, choice: ModelChoice, sampling, speculation,
+    max_batch: Annotated[Optional[int], typer.Option(
+        min=1, help="Most requests decoding together (one batched model pass per token); more wait in a queue. "
+        "Default: 8 on a CPU, 16 on a GPU.")] = None,
+    allowed_origins: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-origins", help="A web page origin (https://app.example) allowed to call the API from a browser, "
+        "besides local pages and the chat page; repeat for several, '*' for any.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="ELM_MLX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ requests.")] = None,
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option(
+        help="Server log; info has a line per request (tokens, tok/s, finish reason).")] = "info",
+    *, choice: ModelChoice, sampling,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
-    /v1/completions, streamed or not; GET /v1/models, /health) with a chat page at /.
+    /v1/completions, streamed or not, with logprobs; GET /v1/models, /health) with a chat page at /.
     The sampling flags are the defaults of requests that leave them out (top_k, min_p and
-    repetition_penalty are extensions to OpenAI's API), and so are the speculative-decoding
-    flags: requests may set prompt_lookup (N, 0 for off) and num_draft_tokens (with
-    --draft-model). Requests are answered one at a time, in order; the others wait."""
+    repetition_penalty are extensions to OpenAI's API). Concurrent requests decode together in one
+    batch (--max-batch), each getting the tokens it would get alone; more wait in a queue."""
     from .server import Defaults
     from .server import serve as run
 
-    defaults = Defaults(max_tokens, sampling, speculation.prompt_lookup, speculation.ngram,
-                        speculation.num_draft_tokens)
-    run(choice.model, host, port, defaults, choice.dtype, choice.tokenizer, choice.chat_template,
-        choice.no_chat_template, compile=not no_compile, draft_model=speculation.draft_model)
+    run(choice.model, host, port, Defaults(max_tokens, sampling), choice.dtype, choice.tokenizer,
+        choice.chat_template, choice.no_chat_template, max_batch=max_batch, log_level=log_level,
+        allowed_origins=tuple(allowed_origins or ()), api_key=api_key)
 
 
 @app.command()

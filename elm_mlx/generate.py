@@ -9,7 +9,7 @@ import mlx.core as mx
 
 from .cache import make_cache
 from .errors import ElmError, check_max_tokens, quoted
-from .sample import SamplingParams, apply_repetition_penalty, make_sampler
+from .sample import SamplingParams, SequenceSampler
 from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, SpecStats, check_options, make_proposer, speculative_tokens
 from .step import decode_step
 
@@ -65,41 +65,33 @@ def check_ids(ids: list, vocab_size: int) -> None:
 
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, cache=None, context=(), compile=True):
+                    repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
+                    context=(), compile=True):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
     penalty counts as it would without a cache. The prompt goes through the
     eager forward; each later token through the compiled step
     (elm_mlx/step.py), or the eager forward too with compile=False (the
-    reference it equals). Validation is the caller's."""
-    if seed is not None:
-        mx.random.seed(seed)
-    sampler = make_sampler(temp, top_k, top_p, min_p)
+    reference it equals; also used for the frequency and presence penalties,
+    which the compiled step does not have). The draws come from the sequence's
+    own random key (see sample.py), as in the server's batches. Validation is
+    the caller's."""
+    sampler = SequenceSampler(model.config.vocab_size, list(context) + list(prompt_ids), temp=temp, top_k=top_k,
+                              top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
     cache = make_cache(model) if cache is None else cache
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = mx.zeros((model.config.vocab_size,), mx.bool_)
-        seen[mx.array(list(context) + list(prompt_ids))] = True
 
     def step(tokens):
-        nonlocal seen
-        logits = model(tokens[None], cache, last_only=True)[:, -1, :]
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        y = sampler(logits)
-        if seen is not None:
-            seen[y] = True
-        return y
+        return sampler(model(tokens[None], cache, last_only=True)[:, -1, :])[0]
 
     y = step(mx.array(prompt_ids))
     mx.async_eval(y)
-    if compile:
+    if compile and sampler.counts is None:
         fast = decode_step(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
                            repetition_penalty=repetition_penalty)
 
         def step(tokens):
-            nonlocal seen
-            y, seen = fast(tokens, cache, seen)
+            y, sampler.seen = fast(tokens, cache, sampler.seen, sampler.next_key())
             return y
 
     while True:

@@ -1,14 +1,22 @@
 """`elm-mlx serve`: an OpenAI-compatible HTTP API over one model, and a chat page at /.
 
 Starlette parses HTTP and uvicorn serves it. One worker thread owns the model
-(all MLX work stays on that thread) and runs requests one model pass at a time,
-in arrival order: others wait in its queue. It keeps the KV cache of the last
-prompt, so a client that re-sends a growing conversation only has the new part
-read. A client that hangs up has its generation stopped at the next token."""
+(all MLX work stays on that thread) and runs every request through one
+`BatchEngine` (elm_mlx/batch.py): up to --max-batch requests decode together, one
+token each per model pass, and the rest wait in arrival order. Each request gets
+exactly the tokens it would get alone. Caches of finished requests are kept, so a
+client that re-sends a growing conversation has only the new part read. A client
+that hangs up has its generation stopped at the next token.
+
+Request-sized work (JSON parsing, the chat template, tokenizing) runs on a thread
+pool under a time limit, never on the event loop; bodies are capped; `Guard` decides
+who may ask (Host, Origin, Content-Type, --api-key)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
 import logging
 import queue
@@ -16,20 +24,21 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import closing
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .batch import MAX_TOP_LOGPROBS, BatchEngine
 from .chat_template import ChatTemplate, chat_ids
-from .context import CachedContext
 from .errors import ArgumentError, ElmError
 from .generate import ContextError, check_context
 from .sample import SamplingParams
@@ -87,9 +96,6 @@ class Defaults:
     """For requests that leave a parameter out: the command line's."""
     max_tokens: int
     sampling: SamplingParams
-    prompt_lookup: int = 0  # speculative decoding (elm_mlx/speculative.py), 0: off
-    ngram: int = 2
-    num_draft_tokens: int = 3  # used when the server has a --draft-model
 
 
 # The API's names for SamplingParams' fields (the others are the same, as extensions).
@@ -123,20 +129,61 @@ def read_sampling(body: dict, d: Defaults) -> tuple[int, SamplingParams, list[st
     return max_tokens, sampling, stop or []
 
 
-def read_speculation(body: dict, d: Defaults, has_draft: bool) -> dict:
-    """The extensions `prompt_lookup` (N guesses by prompt lookup; 0 turns it off) and
-    `num_draft_tokens` (guesses of the server's --draft-model) as stream_generate keywords;
-    a request asking for lookup uses it instead of the draft model."""
-    lookup = get(body, "prompt_lookup", "integer", d.prompt_lookup, lambda v: v >= 0, "an integer >= 0 (0 is off)")
-    drafts = get(body, "num_draft_tokens", "integer", None, lambda v: v >= 1, "an integer >= 1")
-    if drafts is not None and not has_draft:
-        raise ApiError(400, "Invalid value for 'num_draft_tokens': this server has no draft model (start it with "
-                       "--draft-model).", "num_draft_tokens", "invalid_value")
-    if lookup:
-        return dict(prompt_lookup=lookup, ngram=d.ngram)
-    if has_draft:
-        return dict(num_draft_tokens=drafts or d.num_draft_tokens, use_draft=True)
-    return {}
+def read_logprobs(body: dict, kind: str) -> int | None:
+    """None (no logprobs), 0 (the chosen token's) or k (and the k most likely, k <= 10).
+    Chat: logprobs (boolean) and top_logprobs; completions: logprobs (an integer)."""
+    most = f"an integer from 0 to {MAX_TOP_LOGPROBS}"
+    if kind == "text":
+        return get(body, "logprobs", "integer", None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, most)
+    wanted = get(body, "logprobs", "boolean", False)
+    top = get(body, "top_logprobs", "integer", None, lambda v: 0 <= v <= MAX_TOP_LOGPROBS, most)
+    if top is not None and not wanted:
+        raise ApiError(400, "Invalid value for 'top_logprobs': it needs 'logprobs' set to true.", "top_logprobs",
+                       "invalid_value")
+    return (top or 0) if wanted else None
+
+
+# Parameters a client may send that change nothing here (OpenAI's bookkeeping, or defaults).
+IGNORED = {"user", "metadata", "service_tier", "store", "stream_options", "seed", "model"}
+KNOWN = {
+    "chat": {"messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+             "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "stream", "n", "logprobs",
+             "top_logprobs", "response_format", "tools", "tool_choice", "functions", "function_call",
+             "parallel_tool_calls", "logit_bias", "modalities", "audio", "prediction", "reasoning_effort",
+             "web_search_options"},
+    "text": {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+             "frequency_penalty", "presence_penalty", "stop", "stream", "n", "logprobs", "echo", "best_of",
+             "suffix", "logit_bias"},
+}
+
+
+def refuse_unsupported(body: dict, kind: str):
+    """A 400 naming the first parameter this server would otherwise ignore while the client relies on it."""
+    def no(name, what):
+        raise ApiError(400, f"'{name}' is not supported by this server: {what}.", name, "unsupported_parameter")
+
+    unknown = sorted(set(body) - KNOWN[kind] - IGNORED)
+    if unknown:
+        raise ApiError(400, f"Unrecognized request argument supplied: '{unknown[0]}'.", unknown[0],
+                       "unknown_parameter")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            no(name, "the model was not tuned to call tools")
+    for name in ("tool_choice", "function_call", "parallel_tool_calls", "audio", "prediction", "reasoning_effort",
+                 "web_search_options", "suffix"):
+        if body.get(name) not in (None, "none", False, ""):
+            no(name, "leave it out")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        no("response_format", 'only {"type": "text"} (structured output is not enforced)')
+    if body.get("logit_bias"):
+        no("logit_bias", "leave it out")
+    if body.get("modalities") not in (None, ["text"]):
+        no("modalities", 'only ["text"]')
+    if body.get("store") is True:
+        no("store", "nothing is stored")
+    get(body, "echo", "boolean", False, lambda v: not v, "false (echo is not supported)")
+    get(body, "best_of", "integer", 1, lambda v: v == 1, "1 (best_of is not supported)")
 
 
 def text_of(content, where: str) -> str:
@@ -211,7 +258,7 @@ class StopText:
         return out
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     name: str  # e.g. "chat.completion chatcmpl-1a2b", for the log
     ids: list
@@ -219,9 +266,16 @@ class Job:
     sampling: SamplingParams
     stop: list
     loop: asyncio.AbstractEventLoop
+    chat: bool = True  # a chat reply drops the first piece's SentencePiece space; a completion keeps it
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    speculation: dict = field(default_factory=dict)  # from read_speculation
+    created: float = field(default_factory=time.perf_counter)
+    # the worker's
+    seq: object = None
+    detok: object = None
+    stop_text: StopText | None = None
+    first_at: float | None = None
 
     def emit(self, kind: str, value=None):
         # From the worker thread into the request's event loop.
@@ -231,40 +285,50 @@ class Job:
             pass
 
 
-class Worker:
-    """Owns the model on one thread and runs jobs one at a time, in arrival order."""
+def token_entry(tokenizer, token: int, logprob: float, top) -> dict:
+    """OpenAI's chat logprobs entry for one token (bytes let a client join split characters)."""
+    def one(i, lp):
+        data = tokenizer.token_bytes(i) or tokenizer.piece(i).encode()  # "</s>" for EOS
+        return {"token": data.decode("utf-8", "replace"), "logprob": lp, "bytes": list(data)}
 
-    def __init__(self, load_model, tokenizer, compile: bool = True, load_draft=None):
-        self.compile = compile
+    return {**one(token, logprob), "top_logprobs": [one(i, lp) for i, lp in top or []]}
+
+
+class Worker:
+    """Owns the model on one thread and runs every request through one BatchEngine: up to
+    max_batch decode together, the rest wait in its queue."""
+
+    def __init__(self, load_model, tokenizer, max_batch: int):
         self.jobs: queue.Queue = queue.Queue()
-        self.draft = None
         self.tokenizer = tokenizer
-        self.busy = False
-        self.current: Job | None = None
+        self.max_batch = max_batch
+        self.engine: BatchEngine | None = None
+        self.active: dict = {}  # Sequence -> Job
         self.stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(load_model, load_draft), daemon=True,
-                                       name="elm-mlx-worker")
+        self.thread = threading.Thread(target=self._run, args=(load_model,), daemon=True, name="elm-mlx-worker")
         self.thread.start()
         self._ready.wait()
         if self._error is not None:
             raise self._error
 
+    def stats(self) -> dict:
+        s = self.engine.stats()
+        s["queued"] += self.jobs.qsize()
+        return s
+
     def stop(self):
         """Ends the running and waiting requests (their clients are told) and then the thread,
         so that open streams close at once and no MLX work outlives the server."""
         self.stopping = True
-        if self.current is not None:
-            self.current.cancelled.set()
         self.jobs.put(None)
 
-    def _run(self, load_model, load_draft):
+    def _run(self, load_model):
         try:
             # Loaded here: MLX streams belong to the thread that uses them.
-            self.context = CachedContext(load_model(), self.compile)
-            if load_draft is not None:
-                self.draft = load_draft(self.context.model)
+            self.model = load_model()
+            self.engine = BatchEngine(self.model, self.max_batch)
             self.tokenizer.detokenizer()  # builds its table now, not in the first request
         except BaseException as e:  # reported by __init__, in the main thread
             self._error = e
@@ -272,53 +336,89 @@ class Worker:
         finally:
             self._ready.set()
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if self.stopping:
-                job.emit("error", "the server is shutting down")
+            if not self._take(block=not self.engine.has_work()) or self.stopping:
+                break
+            for seq, job in self.active.items():
+                if job.cancelled.is_set():
+                    self.engine.cancel(seq)
+            if not self.engine.has_work():
                 continue
+            try:
+                for t in self.engine.step():
+                    self._deliver(self.active[t.seq], t)
+            except Exception as e:  # a failed step never takes the worker down: its requests get an error
+                log.exception("a generation step failed")
+                for job in self.active.values():
+                    job.emit("error", f"generation failed: {e}")
+                self.active.clear()
+                totals, self.engine = self.engine.totals, BatchEngine(self.model, self.max_batch)
+                self.engine.totals = totals
+            for seq in [s for s in self.active if s.finish is not None]:
+                self._done(self.active.pop(seq))
+        for job in list(self.active.values()) + self._drain():
+            job.emit("error", "the server is shutting down")
+
+    def _drain(self) -> list:
+        jobs = []
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return [j for j in jobs if j is not None]
+            jobs.append(job)
+
+    def _take(self, block: bool) -> bool:
+        """New jobs into the engine (waiting for one when idle); False once told to stop."""
+        jobs = [self.jobs.get()] if block else []
+        jobs += self._drain() if jobs[-1:] != [None] else []
+        if None in jobs or self.stopping:
+            for job in jobs:
+                if job is not None:
+                    job.emit("error", "the server is shutting down")
+            return False
+        for job in jobs:
             if job.cancelled.is_set():  # its client left while it waited
                 continue
-            self.busy, self.current = True, job
             try:
-                self._generate(job)
-            except Exception as e:  # a bad request never takes the worker down
-                log.exception("%s failed", job.name)
-                job.emit("error", f"generation failed: {e}")
-            finally:
-                self.busy, self.current = False, None
+                job.seq = self.engine.add(job.ids, job.max_tokens, eos_id=self.tokenizer.eos_id,
+                                          logprobs=job.logprobs, **asdict(job.sampling))
+            except ElmError as e:
+                job.emit("error", str(e))
+                continue
+            job.detok = self.tokenizer.detokenizer(continuation=not job.chat)
+            job.stop_text = StopText(job.stop)
+            self.active[job.seq] = job
+        return True
 
-    def _generate(self, job: Job):
-        stop, n, finish, last = StopText(job.stop), 0, None, None
-        spec = dict(job.speculation)
-        if spec.pop("use_draft", False):
-            spec["draft_model"] = self.draft
-        with closing(self.context.stream(self.tokenizer, job.ids, job.max_tokens, sampling=job.sampling,
-                                         **spec)) as stream:
-            for r in stream:
-                last = r
-                n += 1
-                text, hit = stop.add(r.text)
-                if r.finish_reason and not hit:
-                    text += stop.flush()
-                if text:
-                    job.emit("text", text)
-                finish = "stop" if hit else r.finish_reason
-                if finish:
-                    break
-                if job.cancelled.is_set() or self.stopping:
-                    finish = "server stopping" if self.stopping else "client hung up"
-                    break
-        if self.stopping:
-            job.emit("error", "the server is shutting down")
+    def _deliver(self, job: Job, t):
+        if job.first_at is None:
+            job.first_at = time.perf_counter()
+        if t.finish == "stop":  # EOS: its own text is not part of the reply
+            text = job.detok.finalize()
         else:
-            done = dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n)
-            if last is not None and last.acceptance_rate is not None:
-                done.update(acceptance_rate=last.acceptance_rate, tokens_per_forward=last.tokens_per_forward)
-            job.emit("done", done)
-        log.info("%s: %d prompt tokens (%d from the cache), %d generated, finish: %s",
-                 job.name, len(job.ids), self.context.reused, n, finish)
+            text = job.detok.add_token(t.token)
+            if t.finish:
+                text += job.detok.finalize()
+        text, hit = job.stop_text.add(text)
+        if t.finish and not hit:
+            text += job.stop_text.flush()
+        entry = None if t.logprob is None else token_entry(self.tokenizer, t.token, t.logprob, t.top_logprobs)
+        if text or entry:
+            job.emit("token", (text, entry))
+        if hit:
+            self.engine.cancel(job.seq, "stop")
+            job.seq.finish = "stop"
+
+    def _done(self, job: Job):
+        seq, now = job.seq, time.perf_counter()
+        n, finish = len(seq.tokens), seq.finish
+        if finish != "cancelled":
+            job.emit("done", dict(finish_reason=finish, prompt_tokens=len(job.ids), completion_tokens=n))
+        first = job.first_at or now
+        rate = (n - 1) / (now - first) if n > 1 and now > first else 0.0
+        log.info("%s: %d prompt tokens (%d from the cache), %d generated, %.1f tok/s, first token after %.2f s, "
+                 "finish: %s", job.name, len(job.ids), seq.reused, n, rate, first - job.created,
+                 "client hung up" if finish == "cancelled" else finish)
 
 
 # ---------------------------------------------------------------- HTTP
@@ -332,10 +432,20 @@ def sse(obj) -> str:
 
 
 def usage(done: dict) -> dict:
-    """OpenAI's usage object; speculative decoding adds acceptance_rate and tokens_per_forward."""
     p, c = done["prompt_tokens"], done["completion_tokens"]
-    extra = {k: done[k] for k in ("acceptance_rate", "tokens_per_forward") if k in done}
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, **extra}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_logprobs(entries: list, offset: int) -> dict:
+    """The legacy completions shape of the chat entries: parallel lists, text offsets from `offset`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out
 
 
 async def api_error(_, e: ApiError):
@@ -354,13 +464,27 @@ async def internal_error(_, e: Exception):
     return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
 
 
+class ClientGone(Exception):
+    """A non-streamed request's client hung up before its answer."""
+
+
+@dataclass
+class Limits:
+    max_body: int = 1 << 20  # bytes: a full 2048-token conversation is ~10 KB of JSON
+    prepare_s: float = 10.0  # parsing, template rendering and tokenizing one request
+
+
 class Api:
     def __init__(self, worker: Worker, tokenizer, template: ChatTemplate | None, model_id: str, defaults: Defaults,
-                 window: int, vocab_size: int):
+                 window: int, vocab_size: int, limits: Limits = Limits()):
         self.worker, self.tokenizer, self.template = worker, tokenizer, template
         self.model_id, self.defaults, self.window, self.vocab_size = model_id, defaults, window, vocab_size
+        self.limits = limits
         self.page = files("elm_mlx").joinpath("static/index.html").read_text(encoding="utf-8")
         self.created = int(time.time())
+        # Request-sized work runs here, off the event loop, so a big or slow request never
+        # holds up /health or the other clients' streams.
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="elm-mlx-prepare")
 
     def app(self) -> Starlette:
         routes = [
@@ -374,30 +498,72 @@ class Api:
             ApiError: api_error, ElmError: user_error, HTTPException: http_error, Exception: internal_error})
 
     async def health(self, _):
-        return JSONResponse({"status": "ok", "model": self.model_id, "busy": self.worker.busy,
-                             "queued": self.worker.jobs.qsize()})
+        stats = self.worker.stats()
+        return JSONResponse({"status": "ok", "model": self.model_id, "busy": stats["active"] > 0, **stats,
+                             "tasks": len(asyncio.all_tasks())})
 
     async def models(self, _):
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "elm-mlx"}]})
 
     async def chat_completions(self, request: Request):
-        body = await self.body(request)
-        ids = chat_ids(self.tokenizer, self.template, read_messages(body))
+        raw = await self.read_body(request)
+        body, ids = await self.prepare(raw, self.chat_prompt)
         return await self.run(request, body, ids, "chat", "messages")
 
     async def completions(self, request: Request):
-        body = await self.body(request)
-        get(body, "echo", "boolean", False, lambda v: not v, "false (echo is not supported)")
-        get(body, "best_of", "integer", 1, lambda v: v == 1, "1 (best_of is not supported)")
-        return await self.run(request, body, read_prompt(body, self.tokenizer, self.vocab_size), "text", "prompt")
+        raw = await self.read_body(request)
+        body, ids = await self.prepare(raw, self.text_prompt)
+        return await self.run(request, body, ids, "text", "prompt")
 
-    async def body(self, request: Request) -> dict:
+    def chat_prompt(self, body: dict) -> list[int]:
+        refuse_unsupported(body, "chat")
+        return chat_ids(self.tokenizer, self.template, read_messages(body))
+
+    def text_prompt(self, body: dict) -> list[int]:
+        refuse_unsupported(body, "text")
+        return read_prompt(body, self.tokenizer, self.vocab_size)
+
+    async def read_body(self, request: Request) -> bytes:
+        cap = self.limits.max_body
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise ApiError(413, f"The request body is {int(declared)} bytes; this server accepts at most {cap}.",
+                           code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise ApiError(413, f"The request body is over {cap} bytes, the most this server accepts.",
+                               code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def prepare(self, raw: bytes, prompt_of) -> tuple[dict, list[int]]:
+        """(body, prompt ids), parsed and rendered on the pool within limits.prepare_s."""
+        def work():
+            body = self.parse(raw)
+            return body, prompt_of(body)
+
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work)
         try:
-            body = json.loads(await request.body())
+            return await asyncio.wait_for(future, self.limits.prepare_s)
+        except asyncio.TimeoutError:
+            raise ApiError(400, f"Preparing this request (chat template, tokenizer) took over "
+                           f"{self.limits.prepare_s:g} s; send a shorter one.", code="request_too_slow") from None
+
+    def parse(self, raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\\ud800) fails here
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "We could not parse the JSON body of your request. Expected a JSON object.",
                            code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "The JSON body of your request is nested too deeply.", code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise ApiError(400, "The JSON body of your request has a lone surrogate escape (such as \\ud800): "
+                           "expected valid Unicode text.", code="invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError(400, f"The request body must be a JSON object, not {json_type(body)}.", code="invalid_json")
         model = get(body, "model", "string", self.model_id)
@@ -408,7 +574,7 @@ class Api:
 
     async def run(self, request: Request, body: dict, ids: list[int], kind: str, param: str):
         max_tokens, sampling, stop = read_sampling(body, self.defaults)
-        speculation = read_speculation(body, self.defaults, self.worker.draft is not None)
+        logprobs = read_logprobs(body, kind)
         stream = get(body, "stream", "boolean", False)
         options = get(body, "stream_options", "object", {})
         include_usage = get(options, "include_usage", "boolean", False)
@@ -418,26 +584,38 @@ class Api:
             raise ApiError(400, f"This model's maximum context length is {self.window} tokens. However, your "
                            f"{param} resulted in {len(ids)} tokens, and a reply needs at least one more.",
                            param, "context_length_exceeded") from None
+        if self.worker.stopping:
+            raise ApiError(503, "the server is shutting down", kind="server_error")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         job = Job(f"{OBJECTS[kind, False]} {rid}", ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
-                  speculation=speculation)
+                  chat=kind == "chat", logprobs=logprobs)
         self.worker.jobs.put(job)
         head = {"id": rid, "object": OBJECTS[kind, stream], "created": int(time.time()), "model": self.model_id}
+        offset = len(body["prompt"]) if kind == "text" and isinstance(body.get("prompt"), str) else 0
         if stream:
-            return StreamingResponse(self.stream(job, head, kind, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        text, done = await self.collect(request, job)
+            return StreamingResponse(self.stream(job, head, kind, include_usage, offset),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text, entries, done = await self.collect(request, job)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        lp = None
+        if logprobs is not None:
+            lp = {"content": entries} if kind == "chat" else completion_logprobs(entries, offset)
         message = {"message": {"role": "assistant", "content": text}} if kind == "chat" else {"text": text}
-        choice = {"index": 0, **message, "logprobs": None, "finish_reason": done["finish_reason"]}
+        choice = {"index": 0, **message, "logprobs": lp, "finish_reason": done["finish_reason"]}
         return JSONResponse({**head, "choices": [choice], "usage": usage(done)})
 
-    async def stream(self, job: Job, head: dict, kind: str, include_usage: bool):
-        def chunk(text=None, finish=None):
+    async def stream(self, job: Job, head: dict, kind: str, include_usage: bool, offset: int):
+        def chunk(text=None, finish=None, entry=None):
+            lp = None
+            if entry is not None:
+                lp = {"content": [entry]} if kind == "chat" else completion_logprobs([entry], offset)
             if kind == "chat":
                 delta = {"content": text} if text is not None else {}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish}
             return sse({**head, "choices": [choice]})
 
         try:
@@ -446,8 +624,11 @@ class Api:
                                                 "logprobs": None, "finish_reason": None}]})
             while True:
                 event, value = await job.events.get()
-                if event == "text":
-                    yield chunk(value)
+                if event == "token":
+                    text, entry = value
+                    yield chunk(text, entry=entry)
+                    if entry is not None:
+                        offset += len(entry["token"])
                     continue
                 if event == "done":
                     yield chunk(finish=value["finish_reason"])
@@ -460,25 +641,116 @@ class Api:
         finally:
             job.cancelled.set()  # a client that hung up stops its generation; harmless once done
 
-    async def collect(self, request: Request, job: Job) -> tuple[str, dict]:
+    async def collect(self, request: Request, job: Job) -> tuple[str, list, dict]:
         async def hang_up():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
             job.cancelled.set()
+            job.events.put_nowait(("gone", None))
 
         watcher = asyncio.ensure_future(hang_up())
-        parts = []
+        parts, entries = [], []
         try:
             while True:
                 event, value = await job.events.get()
-                if event == "text":
-                    parts.append(value)
+                if event == "token":
+                    parts.append(value[0])
+                    if value[1] is not None:
+                        entries.append(value[1])
                 elif event == "done":
-                    return "".join(parts), value
+                    return "".join(parts), entries, value
+                elif event == "gone":
+                    raise ClientGone
                 else:
                     raise ApiError(503 if self.worker.stopping else 500, value, kind="server_error")
         finally:
+            job.cancelled.set()  # harmless once done
             watcher.cancel()
+
+
+# ---------------------------------------------------------------- who may ask
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def is_local_name(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return host in LOCAL_NAMES or host.endswith(".localhost")
+
+
+def host_of(header: str) -> str:
+    """The name in a Host header ("[::1]:8080" -> "::1", "localhost:80" -> "localhost")."""
+    if header.startswith("["):
+        return header[1: header.find("]")]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class Guard:
+    """ASGI middleware doing what ollama does for a server a browser can reach:
+    - bound to loopback, it answers only Host headers naming this machine (a DNS-rebinding
+      page's requests carry its own name);
+    - requests from web pages (an Origin header) are refused unless the page is local, the
+      server's own, or in --allowed-origins; allowed ones get CORS headers and preflights;
+    - POSTs must be application/json (a form or text/plain POST needs no preflight);
+    - with --api-key, /v1/ requests need "Authorization: Bearer KEY"."""
+
+    def __init__(self, app, loopback: bool, allowed_origins: list[str], api_key: str | None):
+        self.app, self.loopback, self.api_key = app, loopback, api_key
+        self.allowed = {o.rstrip("/") for o in allowed_origins}
+
+    def origin_ok(self, origin: str, host: str) -> bool:
+        if "*" in self.allowed or origin.rstrip("/") in self.allowed:
+            return True
+        u = urlsplit(origin)
+        return u.scheme in ("http", "https") and (u.netloc == host or is_local_name(u.hostname or ""))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host, origin, method = headers.get("host", ""), headers.get("origin"), scope["method"]
+
+        def refuse(status, message, code):
+            return ApiError(status, message, code=code).response()(scope, receive, send)
+
+        if self.loopback and not is_local_name(host_of(host)):
+            return await refuse(403, f"Host {host!r} is not this machine: a server on loopback answers only "
+                                "localhost, 127.0.0.1 and [::1] (a guard against DNS rebinding).", "host_not_allowed")
+        if origin is not None and not self.origin_ok(origin, host):
+            return await refuse(403, f"Origin {origin!r} may not use this server; start it with --allowed-origins "
+                                f"{origin} to allow that page.", "origin_not_allowed")
+        cors = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")] if origin else []
+        if method == "OPTIONS" and origin and "access-control-request-method" in headers:
+            allow = headers.get("access-control-request-headers", "authorization, content-type")
+            return await Response(status_code=204, headers={
+                "Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Max-Age": "600",
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Allow-Headers": allow,
+            })(scope, receive, send)
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start" and cors:
+                message = {**message, "headers": list(message.get("headers", [])) + cors}
+            await send(message)
+
+        if self.api_key and scope["path"].startswith("/v1/"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return await ApiError(401, "This server needs an API key: send 'Authorization: Bearer KEY' (the "
+                                      "--api-key it was started with).", code="invalid_api_key",
+                                      ).response()(scope, receive, send_with_cors)
+        if method == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return await ApiError(415, f"Content-Type {ctype or '(none)'!r}: expected application/json.",
+                                      code="unsupported_media_type").response()(scope, receive, send_with_cors)
+        return await self.app(scope, receive, send_with_cors)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -506,8 +778,16 @@ class StoppingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def default_max_batch() -> int:
+    """8 on a CPU (a step's cost grows little up to ~8 rows there); 16 on a GPU."""
+    import mlx.core as mx
+
+    return 16 if mx.default_device() == mx.gpu else 8
+
+
 def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
-          template_file=None, no_template=False, compile=True, draft_model: str | None = None):
+          template_file=None, no_template=False, max_batch: int | None = None, log_level: str = "info",
+          allowed_origins: tuple = (), api_key: str | None = None):
     from .chat_template import choose_template
     from .hub import resolve
     from .load import compute_dtype, load_model
@@ -516,23 +796,21 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     folder = resolve(name, dtype, tokenizer_file)
     tokenizer = load_tokenizer(folder, tokenizer_file)
     template = choose_template(folder, name, template_file, no_template)
+    max_batch = default_max_batch() if max_batch is None else max_batch
+    if max_batch < 1:
+        raise ElmError(f"--max-batch {max_batch}: expected >= 1")
     sock = bind(host, port)
-    load_draft = None
-    if draft_model is not None:
-        from .speculative import load_draft as load_checked
-
-        def load_draft(target):
-            return load_checked(draft_model, target, tokenizer, dtype, tokenizer_file)
-    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, compile, load_draft)
-    model = worker.context.model
+    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, max_batch)
+    model = worker.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,
               model.config.vocab_size)
     host_, port_ = sock.getsockname()[:2]
     url = f"http://[{host_}]:{port_}" if ":" in host_ else f"http://{host_}:{port_}"
     chat = f"chat template {template.origin}" if template else "no chat template: messages are read as typed"
-    print(f"elm-mlx: serving {model_id} ({chat}) on {url} - chat page at {url}/, API at {url}/v1", flush=True)
-    config = uvicorn.Config(api.app(), log_level="info", timeout_graceful_shutdown=3)
+    print(f"elm-mlx: serving {model_id} ({chat}, up to {max_batch} requests decoding together) on {url} - chat page at {url}/, API at {url}/v1", flush=True)
+    app = Guard(api.app(), is_loopback(host_), list(allowed_origins), api_key)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=3)
     try:
         StoppingServer(config, worker).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down for

@@ -34,7 +34,7 @@ import numpy as np
 
 from .cache import make_cache
 from .errors import ArgumentError, ElmError
-from .sample import apply_repetition_penalty, filter_logits
+from .sample import apply_frequency_presence, apply_repetition_penalty, make_filter
 
 DEFAULT_NGRAM = 2  # transformers' prompt lookup default (max_matching_ngram_size)
 DEFAULT_DRAFT_TOKENS = 3  # mlx-lm's --num-draft-tokens default
@@ -88,13 +88,17 @@ def check_draft(target, draft, target_tokenizer=None, draft_tokenizer=None):
                            f"({target_tokenizer.path}): a draft must use the model's tokenizer")
 
 
-def make_transform(temp, top_k, top_p, min_p, repetition_penalty):
-    """(logits[R, V], seen[R or 1, V] or None) -> the logits a choice is made
-    from: penalized, and for sampling scaled and filtered as sample.py does."""
-    def transform(logits, seen):
+def make_transform(temp, top_k, top_p, min_p, repetition_penalty, frequency_penalty=0.0, presence_penalty=0.0):
+    """(logits[R, V], seen[R or 1, V] or None, counts[R or 1, V] or None) -> the logits a
+    choice is made from: penalized, and for sampling scaled and filtered as sample.py does."""
+    filter_ = make_filter(temp, top_k, top_p, min_p) if temp > 0 else None
+
+    def transform(logits, seen, counts=None):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        return logits if temp == 0 else filter_logits(logits, temp, top_k, top_p, min_p)
+        if counts is not None:
+            logits = apply_frequency_presence(logits, counts, frequency_penalty, presence_penalty)
+        return logits if filter_ is None else filter_(logits)
     return transform
 
 
@@ -172,8 +176,8 @@ def make_proposer(target, prompt_lookup=0, ngram=DEFAULT_NGRAM, draft_model=None
 
 
 def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                       repetition_penalty=1.0, seed=None, cache=None, context=(), max_tokens=None,
-                       stats: SpecStats | None = None):
+                       repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
+                       context=(), max_tokens=None, stats: SpecStats | None = None):
     """Yields token ids (the caller stops) with plain decoding's distribution
     (greedy: its exact tokens). `max_tokens`, when given, keeps blocks from
     guessing past it. `stats` is updated as tokens are produced."""
@@ -183,15 +187,17 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
     cache = make_cache(model) if cache is None else cache
     vocab = model.config.vocab_size
     greedy, penalize = temp == 0, repetition_penalty != 1.0
-    transform = make_transform(temp, top_k, top_p, min_p, repetition_penalty)
+    transform = make_transform(temp, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty)
     history = list(context) + list(prompt_ids)
     seen = seen_mask(history, vocab) if penalize else None  # every token before the pending one
+    # OpenAI's penalties count the output only (as sample.SequenceSampler): before the pending token.
+    counts = mx.zeros((vocab,), mx.float32) if (frequency_penalty or presence_penalty) else None
 
     def choose(logits):  # [R, V] transformed -> [R]
         return mx.argmax(logits, axis=-1) if greedy else mx.random.categorical(logits)
 
     logits = model(mx.array(prompt_ids)[None], cache, last_only=True)[0]
-    y = choose(transform(logits, None if seen is None else seen[None])).item()
+    y = choose(transform(logits, None if seen is None else seen[None], None if counts is None else counts[None])).item()
     stats.target_forwards += 1
     stats.tokens += 1
     history.append(y)
@@ -201,11 +207,12 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
         guesses, q = proposer.propose(history, max(k, 0), transform, greedy)
         k = guesses.shape[0]
         tokens = mx.concatenate([mx.array([y], dtype=mx.int32), guesses])
-        rows_seen = None
-        if penalize:  # position i has seen every earlier token, the pending one and guesses 1..i
-            onehot = tokens[:, None] == mx.arange(vocab)[None]
-            rows_seen = seen[None] | (mx.cumsum(onehot.astype(mx.int32), axis=0) > 0)
-        logits = transform(model(tokens[None], cache)[0], rows_seen)  # [k+1, V]
+        rows_seen = rows_counts = None
+        if penalize or counts is not None:  # position i has seen every earlier token, the pending one, guesses 1..i
+            grown = mx.cumsum((tokens[:, None] == mx.arange(vocab)[None]).astype(mx.float32), axis=0)
+            rows_seen = seen[None] | (grown > 0) if penalize else None
+            rows_counts = counts[None] + grown if counts is not None else None
+        logits = transform(model(tokens[None], cache)[0], rows_seen, rows_counts)  # [k+1, V]
         if greedy:
             pick = mx.argmax(logits, axis=-1)
             agree = guesses == pick[:k]
@@ -234,6 +241,8 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
         proposer.kept(len(history) + a)
         if penalize:
             seen[mx.array([y] + kept)] = True
+        if counts is not None:
+            counts = counts.at[mx.array([y] + kept)].add(1.0)
         y = pick[a]
         stats.target_forwards += 1
         stats.proposed += k

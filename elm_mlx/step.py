@@ -32,31 +32,31 @@ def _knobs(temp, top_p, min_p, penalty) -> mx.array:
 
 def _trace(model, structure: tuple):
     """The compiled function for one sampling structure: (token[B, 1],
-    offset[1], keys, values, seen, knobs) -> (next token[B], keys, values, seen)."""
+    offset[1], keys, values, seen, knobs, key) -> (next token[B], keys, values, seen)."""
     sampled, top_k, use_top_p, use_min_p, penalized = structure
 
-    def step(token, offset, keys, values, seen, knobs):
+    def step(token, offset, keys, values, seen, knobs, key):
         logits, keys, values = model.decode(token, offset, keys, values)
         if penalized:  # in the logits' dtype, as the eager path's Python float is
             logits = apply_repetition_penalty(logits, seen, knobs[3].astype(logits.dtype))
         # Python numbers choose the filters; knobs[0..2] are their values.
         sampler = make_sampler(float(sampled), top_k, 0.5 if use_top_p else 1.0, 0.5 if use_min_p else 0.0,
                                values=(knobs[0], knobs[1], knobs[2]))
-        y = sampler(logits)
+        y = sampler(logits, key if sampled else None)
         if penalized:
             seen = seen | (mx.arange(seen.shape[-1]) == y[:, None]).any(axis=0)
         return y, keys, values, seen
 
     # The weights are constants of the trace (passing them as inputs would
     # swap the model's array objects during tracing); decode_step retraces
-    # when they change. The random state goes in and out, so that seeded
-    # sampling draws what the eager path draws.
-    state = [mx.random.state] if sampled else []
-    return mx.compile(step, inputs=state, outputs=state)
+    # when they change. A sampled draw takes the sequence's own random key
+    # (sample.py's SequenceSampler), so that seeded sampling draws what the
+    # eager path, and the server's batches, draw.
+    return mx.compile(step)
 
 
 def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
-    """step(token [B] ids, cache, seen) -> (next ids [B], seen): one token
+    """step(token [B] ids, cache, seen, key=None) -> (next ids [B], seen): one token
     through the compiled step; the cache (holding at least the prompt, from
     the eager forward) advances by one position. seen
     (bool [vocab]) is the repetition penalty's set, None when it is off.
@@ -72,17 +72,19 @@ def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_pe
     if structure not in traces:
         traces[structure] = _trace(model, structure)
     fn = traces[structure]
-    placeholder = mx.array(False)
+    placeholder, no_key = mx.array(False), mx.zeros((2,), mx.uint32)
 
-    def step(token, cache, seen):
+    def step(token, cache, seen, key=None):
         c0 = cache[0]
         if c0.keys is None:
             raise ValueError("decode_step: the cache is empty; run the prompt through the model first")
         for c in cache:
             c.reserve(1, c.keys, c.values)
         offset = mx.array([c0.offset], mx.int32)
+        if key is None:  # greedy; or a caller without a sequence key: one from MLX's global generator
+            key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32) if structure[0] else no_key
         y, keys, values, seen_out = fn(token.reshape(-1, 1), offset, [c.keys for c in cache],
-                                       [c.values for c in cache], placeholder if seen is None else seen, knobs)
+                                       [c.values for c in cache], placeholder if seen is None else seen, knobs, key)
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values = k, v
             c.offset += 1

@@ -135,6 +135,13 @@ class Tokenizer:
     def pieces(self) -> list[str]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """What one token stands for: its piece's bytes, "▁" as a space (b"" for BOS/EOS)."""
+        return self._bytes_table()[0][token_id]
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
     def detokenizer(self, continuation: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(*self._bytes_table(), continuation=continuation)
 

@@ -58,13 +58,15 @@ def connect(url: str) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(u.hostname, u.port, timeout=120)
 
 
-def request(url: str, method: str, path: str, body: bytes | str | dict | None = None):
-    """(status, parsed JSON body or text)."""
+def request(url: str, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
+    """(status, parsed JSON body or text). `headers` add to (or, given None as a value, remove)
+    Content-Type: application/json."""
     if isinstance(body, dict):
         body = json.dumps(body)
+    headers = {k: v for k, v in ({"Content-Type": "application/json"} | (headers or {})).items() if v is not None}
     conn = connect(url)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read().decode()
     finally:
@@ -84,3 +86,7 @@ def wait_idle(url: str, timeout: float = 60):
             return
         time.sleep(0.05)
     raise AssertionError(f"server still busy after {timeout} s")
+
+
+def health(url: str) -> dict:
+    return request(url, "GET", "/health")[1]

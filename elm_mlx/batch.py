@@ -1,0 +1,312 @@
+"""Continuous batching: many sequences decode together, one token each per model pass.
+
+A decode step reads every weight once whether it serves one sequence or eight, so the
+server runs its requests through one `BatchEngine`: sequences join and leave between
+steps, and every step feeds each running sequence's last token, and the next chunk of
+any newcomer's prompt, through one forward.
+
+Design decision: no padding and no mask. Each sequence owns a row of one `BatchCache`
+(per layer a [rows, kv heads, T, head_dim] buffer, per row the positions it holds). The
+new tokens of all sequences are packed along one axis, so the projections and the FFN,
+where the weights are read, run once for all of them; RoPE and the cache writes of the
+decoding rows are one operation per layer; only attention runs per sequence, over
+exactly that row's positions, with the calls the single-sequence path makes. This buys
+what mlx-lm's left-padded, masked `BatchKVCache` does not: a sequence's numbers come
+from the same operations as when it runs alone, so its tokens equal `generate_tokens`'
+tokens (greedy, or seeded), whoever runs beside it; and joining, leaving and prefix
+reuse never copy or re-pad a shared cache. The price is one attention call per sequence
+and layer (see BENCHMARKS.md, "Concurrent streams").
+
+Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
+so a seeded request draws the same tokens beside any company. A newcomer's prompt is
+read inside the decode steps, at most `prefill_chunk` prompt tokens per step, so running
+streams wait for at most one chunk. A finished sequence's row keeps what it holds until
+another sequence needs the row, and a newcomer takes the row holding the longest prefix of
+its prompt: a client re-sending a growing conversation has only the new part read."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+
+from .context import common_prefix
+from .errors import ElmError
+from .sample import SequenceSampler, log_softmax
+
+MAX_TOP_LOGPROBS = 10  # OpenAI's limit
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine. `tokens` grows by one per step until `finish` is set
+    ("stop": EOS, "length": max_tokens or the context, "cancelled")."""
+    id: int
+    ids: list[int]  # the prompt
+    max_tokens: int
+    sampler: SequenceSampler
+    logprobs: int | None  # None: none; 0: the chosen token's; k: also the k most likely
+    eos_id: int | None
+    tokens: list[int] = field(default_factory=list)
+    row: int | None = None  # its row of the BatchCache while it runs
+    todo: list[int] = field(default_factory=list)  # prompt ids still to prefill
+    reused: int = 0  # prompt tokens found in a kept cache
+    finish: str | None = None
+    cancelled: str | None = None  # the finish reason cancel() was given
+
+
+@dataclass
+class Token:
+    """What a step produced for one sequence."""
+    seq: Sequence
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish: str | None = None
+
+
+class BatchEngine:
+    """Not thread-safe: one thread adds, cancels and steps (MLX work stays on it)."""
+
+    def __init__(self, model, max_batch: int = 8, prefill_chunk: int = 512):
+        if max_batch < 1:
+            raise ElmError(f"--max-batch {max_batch}: expected >= 1")
+        self.model = model
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.window = model.config.max_context_length
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.cache = BatchCache(model, max_batch)
+        # Per row: the ids it holds when no sequence runs in it (a finished one's, kept for prefix
+        # reuse), and when it was last given up.
+        self.kept: list[list[int]] = [[] for _ in range(max_batch)]
+        self.freed_at = [0] * max_batch
+        self._ids = itertools.count()
+        self.totals = dict(requests=0, finished=0, cancelled=0, prompt_tokens=0, reused_tokens=0,
+                           generated_tokens=0, steps=0)
+
+    # ------------------------------------------------------------ requests
+
+    def add(self, ids: list[int], max_tokens: int, *, eos_id: int | None = None, logprobs: int | None = None,
+            **sampling) -> Sequence:
+        """Queue a prompt; it starts at the next step with room. Sampling keywords as SequenceSampler's."""
+        if not ids:
+            raise ElmError("the prompt is empty: expected at least one token (BOS)")
+        if len(ids) >= self.window:
+            raise ElmError(f"the prompt is {len(ids)} tokens; OpenELM's context is {self.window} tokens "
+                           "and a reply needs at least one more")
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ElmError(f"top_logprobs {logprobs}: expected 0 to {MAX_TOP_LOGPROBS}")
+        sampler = SequenceSampler(self.model.config.vocab_size, ids, **sampling)
+        seq = Sequence(next(self._ids), list(ids), min(max_tokens, self.window - len(ids)), sampler, logprobs, eos_id)
+        self.waiting.append(seq)
+        self.totals["requests"] += 1
+        return seq
+
+    def cancel(self, seq: Sequence, finish: str = "cancelled"):
+        """Ends `seq` at the next step with this finish reason (its row is kept for reuse like a
+        finished one's). The server also ends a sequence this way when a stop string appears."""
+        if seq.finish is None:
+            seq.cancelled = finish
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        return {"queued": len(self.waiting), "active": len(self.running), "max_batch": self.max_batch, **self.totals}
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> list[Token]:
+        """Admit waiting sequences, then one forward over the batch: the last token of every
+        decoding sequence and up to `prefill_chunk` prompt tokens of admitted ones. Each decoding
+        sequence gets one token, and so does one whose prompt this step finished reading."""
+        self._drop_cancelled()
+        self._admit()
+        segments = [(s, [s.tokens[-1]]) for s in self.running if s.tokens and s.finish is None]
+        segments += self._prefill_chunks()
+        out = []
+        if segments:
+            wanted = [not s.todo for s, _ in segments]  # the prompt's last chunk, or a decode token
+            logits = forward(self.model, self.cache, [(s.row, ids) for s, ids in segments], wanted)
+            seqs = [s for (s, _), w in zip(segments, wanted) if w]
+            out = self._sample(seqs, [logits[i: i + 1] for i in range(len(seqs))])
+        self.totals["steps"] += 1
+        self._retire()
+        return out
+
+    def _drop_cancelled(self):
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.finish = seq.cancelled
+            self.totals["cancelled" if seq.finish == "cancelled" else "finished"] += 1
+        for seq in self.running:
+            if seq.cancelled and seq.finish is None:
+                seq.finish = seq.cancelled
+        self._retire()
+
+    def _admit(self):
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting.popleft()
+            seq.row, n = self._row_for(seq.ids)
+            self.cache.lengths[seq.row] = n
+            seq.reused, seq.todo = n, seq.ids[n:]
+            self.totals["prompt_tokens"] += len(seq.ids)
+            self.totals["reused_tokens"] += n
+            self.running.append(seq)
+
+    def _row_for(self, ids: list[int]) -> tuple[int, int]:
+        """A free row, preferring the one holding the longest prefix of `ids`, else the one given up
+        longest ago; and how many of its positions stay valid."""
+        taken = {s.row for s in self.running}
+        free = [r for r in range(self.max_batch) if r not in taken]
+        # The last prompt token is always read again: its logits pick the first new token.
+        common = {r: min(common_prefix(self.kept[r], ids), len(ids) - 1) for r in free}
+        row = max(free, key=lambda r: (common[r], -self.freed_at[r]))
+        return row, common[row]
+
+    def _prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
+        """Prompt chunks of admitted sequences, oldest first, about `prefill_chunk` tokens in all.
+        A prompt no longer than a chunk is read in one piece, as `generate_tokens` reads it."""
+        budget, chunks = self.prefill_chunk, []
+        for seq in self.running:
+            if not seq.todo or seq.finish is not None:
+                continue
+            if chunks and budget < min(len(seq.todo), self.prefill_chunk):
+                break  # it gets a whole chunk in the next step
+            chunk, seq.todo = seq.todo[: self.prefill_chunk], seq.todo[self.prefill_chunk:]
+            chunks.append((seq, chunk))
+            budget -= len(chunk)
+            if budget <= 0:
+                break
+        return chunks
+
+    def _sample(self, seqs: list[Sequence], logits: list) -> list[Token]:
+        if not seqs:
+            return []
+        drawn, extra = [], []
+        for seq, row in zip(seqs, logits):
+            y, transformed = seq.sampler(row)
+            drawn.append(y)
+            if seq.logprobs is not None:
+                lp = log_softmax(transformed)[0]
+                top = mx.argpartition(-lp, kth=seq.logprobs - 1)[: seq.logprobs] if seq.logprobs else None
+                extra.append((lp[y[0]], top, None if top is None else lp[top]))
+            else:
+                extra.append(None)
+        mx.eval(drawn, [e for e in extra if e is not None])
+        out = []
+        for seq, y, e in zip(seqs, drawn, extra):
+            token = y.item()
+            seq.tokens.append(token)
+            self.totals["generated_tokens"] += 1
+            t = Token(seq, token)
+            if e is not None:
+                t.logprob = e[0].item()
+                if e[1] is not None:
+                    pairs = sorted(zip(e[1].tolist(), e[2].tolist()), key=lambda p: -p[1])
+                    t.top_logprobs = [(i, v) for i, v in pairs if v > -float("inf")]
+            if token == seq.eos_id:
+                seq.finish = "stop"
+            elif len(seq.tokens) >= seq.max_tokens:
+                seq.finish = "length"
+            t.finish = seq.finish
+            out.append(t)
+        return out
+
+    def _retire(self):
+        for seq in [s for s in self.running if s.finish is not None]:
+            self.running.remove(seq)
+            self.totals["cancelled" if seq.finish == "cancelled" else "finished"] += 1
+            # Its row keeps what it holds, for a client that continues this conversation.
+            self.kept[seq.row] = (seq.ids + seq.tokens)[: self.cache.lengths[seq.row]]
+            self.freed_at[seq.row] = self.totals["steps"]
+            seq.row = None
+
+
+class BatchCache:
+    """The keys and values of up to `rows` sequences: per layer one [rows, kv heads, T, head_dim]
+    buffer (T grows in steps of 256 for all rows) and per row the positions it holds. A decode
+    step writes every row's new position with one scatter per layer; attention reads a row's
+    first `length` positions, the same values a sequence's own KVCache would hold."""
+
+    step = 256
+
+    def __init__(self, model, rows: int):
+        self.rows = rows
+        self.lengths = [0] * rows
+        self.keys = [None] * len(model.layers)
+        self.values = [None] * len(model.layers)
+
+    def reserve(self, layer: int, like_keys, like_values, need: int):
+        """Room for `need` positions in this layer's buffers (shaped after the first keys seen)."""
+        k = self.keys[layer]
+        if k is not None and k.shape[2] >= need:
+            return
+        T = -(-need // self.step) * self.step
+        new_k = mx.zeros((self.rows, like_keys.shape[1], T, like_keys.shape[3]), like_keys.dtype)
+        new_v = mx.zeros((self.rows, like_values.shape[1], T, like_values.shape[3]), like_values.dtype)
+        if k is not None:
+            old = k.shape[2]
+            new_k[:, :, :old] = k
+            new_v[:, :, :old] = self.values[layer]
+        self.keys[layer], self.values[layer] = new_k, new_v
+
+
+def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wanted: list[bool]):
+    """One forward over several sequences: segments = [(cache row, new token ids)], one-token
+    (decode) segments first. The new tokens are packed along one axis, so the weights are read
+    once for all of them; attention runs per sequence over its own positions, with the calls
+    the single-sequence path makes (RoPE at the sequence's offset; a causal mask for more than
+    one token). Returns logits[k, vocab] at the last position of each wanted segment."""
+    t = model.transformer
+    h = t.token_embeddings(mx.array([i for _, ids in segments for i in ids])[None])
+    bounds = list(itertools.accumulate([len(ids) for _, ids in segments], initial=0))
+    rows = [row for row, _ in segments]
+    offsets = [cache.lengths[row] for row in rows]
+    decoding = next((i for i, (_, ids) in enumerate(segments) if len(ids) > 1), len(segments))
+    plan = (rows, offsets, bounds, decoding)
+    for n, layer in enumerate(t.layers):
+        h = h + _attention(layer.attn, layer.attn_norm(h), cache, n, plan)
+        h = h + layer.ffn(layer.ffn_norm(h))
+    for row, (_, ids) in zip(rows, segments):
+        cache.lengths[row] += len(ids)
+    h = t.norm(h)
+    h = h[:, [end - 1 for end, w in zip(bounds[1:], wanted) if w], :]
+    logits = model.lm_head(h) if "lm_head" in model else t.token_embeddings.as_linear(h)
+    return logits[0]
+
+
+def _attention(attn, x, cache: BatchCache, layer: int, plan):
+    rows, offsets, bounds, D = plan
+    N = x.shape[1]
+    qkv = attn.qkv_proj(x).reshape(1, N, attn.n_q + 2 * attn.n_kv, attn.head_dim)
+    q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [attn.n_q, attn.n_q + attn.n_kv], axis=1)
+    if "q_norm" in attn:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    rope = dict(traditional=False, base=attn.rope_base, scale=1.0)
+    cache.reserve(layer, k, v, max(o + e - s for o, s, e in zip(offsets, bounds, bounds[1:])))
+    K, V = cache.keys[layer], cache.values[layer]
+    scale, outs = attn.head_dim**-0.5, []
+    if D:  # one token each: RoPE and the cache writes for all of them at once
+        at = mx.array(offsets[:D])
+        qd, kd = (mx.fast.rope(a[:, :, :D].transpose(2, 1, 0, 3), attn.head_dim, offset=at, **rope) for a in (q, k))
+        where = mx.array(rows[:D])
+        K[where, :, at] = kd[:, :, 0]
+        V[where, :, at] = v[0, :, :D].transpose(1, 0, 2)
+        for j in range(D):
+            r, end = rows[j], offsets[j] + 1
+            outs.append(mx.fast.scaled_dot_product_attention(qd[j: j + 1], K[r: r + 1, :, :end], V[r: r + 1, :, :end],
+                                                             scale=scale).transpose(2, 1, 0, 3))
+    for r, o, start, end in list(zip(rows, offsets, bounds, bounds[1:]))[D:]:
+        qs, ks = (mx.fast.rope(a[:, :, start:end], attn.head_dim, offset=o, **rope) for a in (q, k))
+        K[r: r + 1, :, o: o + end - start] = ks
+        V[r: r + 1, :, o: o + end - start] = v[:, :, start:end]
+        outs.append(mx.fast.scaled_dot_product_attention(qs, K[r: r + 1, :, : o + end - start],
+                                                         V[r: r + 1, :, : o + end - start], scale=scale,
+                                                         mask="causal" if end - start > 1 else None))
+    cache.keys[layer], cache.values[layer] = K, V
+    out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(1, N, -1))

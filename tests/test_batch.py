@@ -1,0 +1,234 @@
+"""The batch engine (elm_mlx/batch.py): every sequence gets exactly what it gets alone
+(`generate_tokens`, the single-sequence path), whoever runs beside it, whenever it joins
+or leaves; logprobs equal a direct log-softmax of the model's logits."""
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from checkpoints import TINY, random_weights
+from engine import build
+
+from elm_mlx.batch import BatchEngine
+from elm_mlx.generate import generate_tokens
+from elm_mlx.sample import apply_frequency_presence
+
+ARCHS = list(TINY)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    return build(TINY[request.param], random_weights(TINY[request.param], seed=11))
+
+
+@pytest.fixture(scope="module")
+def tied():
+    return build(TINY["tied"], random_weights(TINY["tied"], seed=12))
+
+
+def prompts(n, vocab=512, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[1] + rng.integers(3, vocab, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
+
+
+def alone(model, ids, n, **sampling):
+    return list(itertools.islice(generate_tokens(model, ids, **sampling), n))
+
+
+def run(engine, joins=None, cancel=None):
+    """Steps until idle; joins: {step: [(ids, max_tokens, sampling)]} added before that step;
+    cancel: {step: seq index} cancelled before that step. Returns the sequences in order added."""
+    joins, cancel, seqs = joins or {}, cancel or {}, []
+    for step in itertools.count():
+        for ids, n, sampling in joins.get(step, []):
+            seqs.append(engine.add(ids, n, **sampling))
+        if step in cancel:
+            engine.cancel(seqs[cancel[step]])
+        if not engine.has_work() and step >= max(joins, default=0):
+            return seqs
+        engine.step()
+
+
+def test_eight_concurrent_greedy_sequences_equal_their_single_runs(model):
+    ps = prompts(8, seed=1)
+    engine = BatchEngine(model, max_batch=8)
+    seqs = run(engine, {0: [(p, 12, {}) for p in ps]})
+    for p, seq in zip(ps, seqs):
+        assert seq.tokens == alone(model, p, 12) and seq.finish == "length"
+    stats = engine.stats()
+    assert (stats["active"], stats["queued"], stats["finished"], stats["generated_tokens"]) == (0, 0, 8, 96)
+
+
+SAMPLINGS = [
+    dict(temp=1.0, seed=3),
+    dict(temp=0.7, top_p=0.9, seed=4),
+    dict(temp=1.2, top_k=20, min_p=0.02, seed=5, repetition_penalty=1.3),
+    dict(temp=0.0, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.4),
+    dict(temp=0.9, frequency_penalty=1.5, presence_penalty=-0.5, seed=6),
+    dict(),
+]
+
+
+def test_seeded_sampled_sequences_equal_their_single_runs(tied):
+    ps = prompts(len(SAMPLINGS), seed=2)
+    seqs = run(BatchEngine(tied, max_batch=8), {0: [(p, 16, s) for p, s in zip(ps, SAMPLINGS)]})
+    for p, s, seq in zip(ps, SAMPLINGS, seqs):
+        assert seq.tokens == alone(tied, p, 16, **s), s
+    # and the seeds matter: another seed draws other tokens
+    assert alone(tied, ps[0], 16, temp=1.0, seed=3) != alone(tied, ps[0], 16, temp=1.0, seed=30)
+
+
+def test_sequences_joining_mid_generation_and_a_queue_beyond_max_batch(tied):
+    ps = prompts(9, seed=3)
+    joins = {0: [(ps[0], 20, {}), (ps[1], 6, dict(temp=1.0, seed=1))],
+             3: [(ps[2], 10, {}), (ps[3], 15, dict(temp=0.8, top_k=5, seed=2))],
+             4: [(p, 8, {}) for p in ps[4:]]}
+    engine = BatchEngine(tied, max_batch=3)
+    seen_queued = []
+    orig = engine.step
+    engine.step = lambda: (seen_queued.append(engine.stats()["queued"]), orig())[1]
+    seqs = run(engine, joins)
+    for (ids, n, s), seq in zip([j for step in sorted(joins) for j in joins[step]], seqs):
+        assert seq.tokens == alone(tied, ids, n, **s)
+    assert max(seen_queued) >= 3 and engine.stats()["active"] == 0
+
+
+def test_a_cancelled_sequence_leaves_the_others_intact(tied):
+    ps = prompts(4, seed=4)
+    engine = BatchEngine(tied, max_batch=4)
+    seqs = run(engine, {0: [(p, 14, dict(temp=1.0, seed=i)) for i, p in enumerate(ps)]}, cancel={5: 1})
+    assert seqs[1].finish == "cancelled" and 3 <= len(seqs[1].tokens) < 14
+    assert seqs[1].tokens == alone(tied, ps[1], 14, temp=1.0, seed=1)[: len(seqs[1].tokens)]
+    for i in (0, 2, 3):
+        assert seqs[i].tokens == alone(tied, ps[i], 14, temp=1.0, seed=i)
+    stats = engine.stats()
+    assert (stats["active"], stats["cancelled"], stats["finished"]) == (0, 1, 3)
+
+
+def test_a_cancelled_waiting_sequence_never_runs(tied):
+    engine = BatchEngine(tied, max_batch=1)
+    seqs = run(engine, {0: [(p, 5, {}) for p in prompts(3, seed=5)]}, cancel={1: 2})
+    assert seqs[2].finish == "cancelled" and seqs[2].tokens == [] and seqs[1].finish == "length"
+
+
+def test_eos_stops_a_sequence(tied):
+    p = prompts(1, seed=6)[0]
+    reference = alone(tied, p, 10)
+    eos = reference[4]
+    seq = run(BatchEngine(tied), {0: [(p, 10, dict(eos_id=eos))]})[0]
+    assert seq.tokens == reference[: reference.index(eos) + 1] and seq.finish == "stop"
+
+
+def test_a_growing_conversation_reuses_the_kept_cache(tied):
+    engine = BatchEngine(tied, max_batch=2)
+    first = prompts(1, seed=7)[0]
+    a = run(engine, {0: [(first, 6, {})]})[0]
+    follow = first + a.tokens + [5, 6, 7]
+    b = run(engine, {0: [(follow, 6, {})]})[0]
+    assert b.reused == len(first) + len(a.tokens) - 1  # the last reply token was never fed
+    assert b.tokens == alone(tied, follow, 6)
+    other = run(engine, {0: [([1, 9, 9, 9], 3, {})]})[0]  # only BOS in common
+    assert other.reused == 1 and other.tokens == alone(tied, [1, 9, 9, 9], 3)
+
+
+def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(tied):
+    long = prompts(1, seed=8)[0] * 5
+    short = prompts(1, seed=9)[0]
+    engine = BatchEngine(tied, max_batch=4, prefill_chunk=24)
+    a = engine.add(short, 30)
+    engine.step()
+    b = engine.add(long, 5)
+    progress = []
+    while engine.has_work():
+        before = len(a.tokens)
+        engine.step()
+        progress.append(len(a.tokens) - before)
+    chunks = -(-len(long) // 24)
+    assert progress[:chunks] == [1] * chunks  # the running stream got a token at every step
+    assert a.tokens == alone(tied, short, 30) and b.tokens == alone(tied, long, 5)
+
+
+def direct_log_softmax(model, ids):
+    """float64 log-softmax of the model's logits at every position of one forward."""
+    logits = np.array(model(mx.array([ids]))[0].astype(mx.float32), dtype=np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+        logits.max(-1, keepdims=True)
+
+
+def test_logprobs_equal_a_direct_log_softmax(tied):
+    ps = prompts(3, seed=10)
+    seqs = run(BatchEngine(tied), {0: [(p, 8, dict(logprobs=5)) for p in ps]})
+    for p, seq in zip(ps, seqs):
+        ref = direct_log_softmax(tied, p + seq.tokens)[len(p) - 1:-1]
+        for row, tok, t in zip(ref, seq.tokens, seq_records(seq)):
+            assert abs(t.logprob - row[tok]) <= 1e-4
+            top = np.argsort(-row)[:5]
+            assert [i for i, _ in t.top_logprobs] == top.tolist()
+            assert np.allclose([v for _, v in t.top_logprobs], row[top], atol=1e-4)
+
+
+def seq_records(seq):
+    return seq.records
+
+
+@pytest.fixture(autouse=True)
+def _record_tokens(monkeypatch):
+    """Keeps each sequence's Token records on it (the engine hands them to its caller only)."""
+    from elm_mlx import batch
+
+    real = batch.BatchEngine._sample
+
+    def sample(self, seqs, logits):
+        out = real(self, seqs, logits)
+        for t in out:
+            t.seq.__dict__.setdefault("records", []).append(t)
+        return out
+
+    monkeypatch.setattr(batch.BatchEngine, "_sample", sample)
+
+
+def test_logprobs_are_taken_after_the_sampling_transforms(tied):
+    p = prompts(1, seed=11)[0]
+    s = dict(temp=0.7, top_k=4, seed=1, frequency_penalty=0.8, presence_penalty=0.3)
+    seq = run(BatchEngine(tied), {0: [(p, 6, dict(logprobs=10, **s))]})[0]
+    ref = np.array(tied(mx.array([p + seq.tokens]))[0].astype(mx.float32), dtype=np.float64)[len(p) - 1:-1]
+    counts = np.zeros(ref.shape[1])
+    for row, tok, t in zip(ref, seq.tokens, seq.records):
+        row = (row - 0.8 * counts - 0.3 * (counts > 0)) / 0.7
+        kept = np.argsort(-row)[:4]
+        lp = row[kept] - np.log(np.exp(row[kept] - row[kept].max()).sum()) - row[kept].max()
+        assert tok in kept and abs(t.logprob - lp[list(kept).index(tok)]) <= 1e-4
+        assert [i for i, _ in t.top_logprobs] == kept.tolist()  # the filtered-out tokens are not listed
+        assert np.allclose([v for _, v in t.top_logprobs], lp, atol=1e-4)
+        counts[tok] += 1
+    assert seq.tokens == alone(tied, p, 6, **s)
+
+
+def test_frequency_and_presence_penalties_follow_openai():
+    logits = mx.array([[1.0, 1.0, 1.0, 1.0]])
+    counts = mx.array([0.0, 1.0, 3.0, 0.0])
+    out = apply_frequency_presence(logits, counts, 0.5, 0.25)
+    assert out.tolist() == [[1.0, 0.25, -0.75, 1.0]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_forward_logits_equal_the_float64_reference(arch):
+    """The batch forward (decode rows and prompt chunks packed together, rows at different
+    lengths) against tests/reference.py's float64 NumPy forward of each whole sequence."""
+    from reference import reference_logits
+
+    from elm_mlx.batch import BatchCache, forward
+
+    cfg, weights = TINY[arch], random_weights(TINY[arch], seed=13)
+    model = build(cfg, weights)
+    ps = prompts(3, seed=14)
+    cache = BatchCache(model, 3)
+    forward(model, cache, [(0, ps[0]), (1, ps[1][:-1])], [True, True])  # two rows read their prompts
+    decode = [5, 7]
+    logits = forward(model, cache, [(0, [decode[0]]), (1, [ps[1][-1]]), (2, ps[2])], [True, True, True])
+    logits = logits.astype(mx.float32).tolist()
+    wholes = [ps[0] + [decode[0]], ps[1], ps[2]]
+    for row, seq in zip(logits, wholes):
+        ref = reference_logits(weights, cfg, seq)[-1]
+        assert np.abs(np.array(row) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
