@@ -378,6 +378,7 @@ def chat(
 
 @app.command()
 @user_errors
+@speculation_options
 @sampling_options(temp=0.7, top_p=0.9, repetition_penalty=1.2)
 @model_options
 def serve(
@@ -397,19 +398,23 @@ def serve(
         envvar="ELM_MLX_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ requests.")] = None,
     log_level: Annotated[Literal["debug", "info", "warning", "error"], typer.Option(
         help="Server log; info has a line per request (tokens, tok/s, finish reason).")] = "info",
-    *, choice: ModelChoice, sampling,
+    *, choice: ModelChoice, sampling, speculation,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (POST /v1/chat/completions and
     /v1/completions, streamed or not, with logprobs; GET /v1/models, /health) with a chat page at /.
     The sampling flags are the defaults of requests that leave them out (top_k, min_p and
     repetition_penalty are extensions to OpenAI's API). Concurrent requests decode together in one
-    batch (--max-batch), each getting the tokens it would get alone; more wait in a queue."""
+    batch (--max-batch), each getting the tokens it would get alone; more wait in a queue.
+    Speculative decoding (--prompt-lookup, --draft-model, and the per-request extensions
+    prompt_lookup and num_draft_tokens) runs such a request alone, between batch steps."""
     from .server import Defaults
     from .server import serve as run
 
-    run(choice.model, host, port, Defaults(max_tokens, sampling), choice.dtype, choice.tokenizer,
-        choice.chat_template, choice.no_chat_template, max_batch=max_batch, log_level=log_level,
-        allowed_origins=tuple(allowed_origins or ()), api_key=api_key)
+    defaults = Defaults(max_tokens, sampling, speculation.prompt_lookup, speculation.ngram,
+                        speculation.num_draft_tokens)
+    run(choice.model, host, port, defaults, choice.dtype, choice.tokenizer, choice.chat_template,
+        choice.no_chat_template, max_batch=max_batch, log_level=log_level,
+        allowed_origins=tuple(allowed_origins or ()), api_key=api_key, draft_model=speculation.draft_model)
 
 
 @app.command()

@@ -96,6 +96,9 @@ class Defaults:
     """For requests that leave a parameter out: the command line's."""
     max_tokens: int
     sampling: SamplingParams
+    prompt_lookup: int = 0  # speculative decoding (elm_mlx/speculative.py), 0: off
+    ngram: int = 2
+    num_draft_tokens: int = 3  # used when the server has a --draft-model
 
 
 # The API's names for SamplingParams' fields (the others are the same, as extensions).
@@ -129,6 +132,22 @@ def read_sampling(body: dict, d: Defaults) -> tuple[int, SamplingParams, list[st
     return max_tokens, sampling, stop or []
 
 
+def read_speculation(body: dict, d: Defaults, has_draft: bool) -> dict:
+    """The extensions `prompt_lookup` (N guesses by prompt lookup; 0 turns it off) and
+    `num_draft_tokens` (guesses of the server's --draft-model) as stream_generate keywords
+    ({} for none); a request asking for lookup uses it instead of the draft model."""
+    lookup = get(body, "prompt_lookup", "integer", d.prompt_lookup, lambda v: v >= 0, "an integer >= 0 (0 is off)")
+    drafts = get(body, "num_draft_tokens", "integer", None, lambda v: v >= 1, "an integer >= 1")
+    if drafts is not None and not has_draft:
+        raise ApiError(400, "Invalid value for 'num_draft_tokens': this server has no draft model (start it with "
+                       "--draft-model).", "num_draft_tokens", "invalid_value")
+    if lookup:
+        return dict(prompt_lookup=lookup, ngram=d.ngram)
+    if has_draft:
+        return dict(num_draft_tokens=drafts or d.num_draft_tokens, use_draft=True)
+    return {}
+
+
 def read_logprobs(body: dict, kind: str) -> int | None:
     """None (no logprobs), 0 (the chosen token's) or k (and the k most likely, k <= 10).
     Chat: logprobs (boolean) and top_logprobs; completions: logprobs (an integer)."""
@@ -150,10 +169,10 @@ KNOWN = {
              "repetition_penalty", "frequency_penalty", "presence_penalty", "stop", "stream", "n", "logprobs",
              "top_logprobs", "response_format", "tools", "tool_choice", "functions", "function_call",
              "parallel_tool_calls", "logit_bias", "modalities", "audio", "prediction", "reasoning_effort",
-             "web_search_options"},
+             "web_search_options", "prompt_lookup", "num_draft_tokens"},
     "text": {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
              "frequency_penalty", "presence_penalty", "stop", "stream", "n", "logprobs", "echo", "best_of",
-             "suffix", "logit_bias"},
+             "suffix", "logit_bias", "prompt_lookup", "num_draft_tokens"},
 }
 
 
@@ -268,6 +287,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     chat: bool = True  # a chat reply drops the first piece's SentencePiece space; a completion keeps it
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
+    speculation: dict = field(default_factory=dict)  # from read_speculation: run alone, not in the batch
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
@@ -298,8 +318,9 @@ class Worker:
     """Owns the model on one thread and runs every request through one BatchEngine: up to
     max_batch decode together, the rest wait in its queue."""
 
-    def __init__(self, load_model, tokenizer, max_batch: int):
+    def __init__(self, load_model, tokenizer, max_batch: int, load_draft=None):
         self.jobs: queue.Queue = queue.Queue()
+        self.draft = None
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.engine: BatchEngine | None = None
@@ -307,7 +328,8 @@ class Worker:
         self.stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(load_model,), daemon=True, name="elm-mlx-worker")
+        self.thread = threading.Thread(target=self._run, args=(load_model, load_draft), daemon=True,
+                                       name="elm-mlx-worker")
         self.thread.start()
         self._ready.wait()
         if self._error is not None:
@@ -324,10 +346,12 @@ class Worker:
         self.stopping = True
         self.jobs.put(None)
 
-    def _run(self, load_model):
+    def _run(self, load_model, load_draft):
         try:
             # Loaded here: MLX streams belong to the thread that uses them.
             self.model = load_model()
+            if load_draft is not None:
+                self.draft = load_draft(self.model)
             self.engine = BatchEngine(self.model, self.max_batch)
             self.tokenizer.detokenizer()  # builds its table now, not in the first request
         except BaseException as e:  # reported by __init__, in the main thread
@@ -379,6 +403,9 @@ class Worker:
         for job in jobs:
             if job.cancelled.is_set():  # its client left while it waited
                 continue
+            if job.speculation:
+                self._speculate(job)
+                continue
             try:
                 job.seq = self.engine.add(job.ids, job.max_tokens, eos_id=self.tokenizer.eos_id,
                                           logprobs=job.logprobs, **asdict(job.sampling))
@@ -389,6 +416,41 @@ class Worker:
             job.stop_text = StopText(job.stop)
             self.active[job.seq] = job
         return True
+
+    def _speculate(self, job: Job):
+        """A speculative request runs alone through stream_generate (its own cache), between
+        batch steps: the batch engine has no speculative path yet."""
+        from contextlib import closing
+
+        from .generate import stream_generate
+
+        spec = dict(job.speculation)
+        if spec.pop("use_draft", False):
+            spec["draft_model"] = self.draft
+        stop, n, finish, last = StopText(job.stop), 0, None, None
+        try:
+            with closing(stream_generate(self.model, self.tokenizer, job.ids, job.max_tokens, sampling=job.sampling,
+                                         **spec)) as stream:
+                for last in stream:
+                    n += 1
+                    text, hit = stop.add(last.text)
+                    if last.finish_reason and not hit:
+                        text += stop.flush()
+                    if text:
+                        job.emit("token", (text, None))
+                    finish = "stop" if hit else last.finish_reason
+                    if finish or job.cancelled.is_set() or self.stopping:
+                        break
+        except Exception as e:  # a failed request never takes the worker down
+            log.exception("%s failed", job.name)
+            job.emit("error", f"generation failed: {e}")
+            return
+        done = dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n)
+        if last is not None and last.acceptance_rate is not None:
+            done.update(acceptance_rate=last.acceptance_rate, tokens_per_forward=last.tokens_per_forward)
+        job.emit("done", done)
+        log.info("%s: %d prompt tokens, %d generated (speculative), finish: %s", job.name, len(job.ids), n,
+                 done["finish_reason"])
 
     def _deliver(self, job: Job, t):
         if job.first_at is None:
@@ -432,8 +494,10 @@ def sse(obj) -> str:
 
 
 def usage(done: dict) -> dict:
+    """OpenAI's usage object; speculative decoding adds acceptance_rate and tokens_per_forward."""
     p, c = done["prompt_tokens"], done["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    extra = {k: done[k] for k in ("acceptance_rate", "tokens_per_forward") if k in done}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, **extra}
 
 
 def completion_logprobs(entries: list, offset: int) -> dict:
@@ -575,6 +639,10 @@ class Api:
     async def run(self, request: Request, body: dict, ids: list[int], kind: str, param: str):
         max_tokens, sampling, stop = read_sampling(body, self.defaults)
         logprobs = read_logprobs(body, kind)
+        speculation = read_speculation(body, self.defaults, self.worker.draft is not None)
+        if speculation and logprobs is not None:
+            raise ApiError(400, "'logprobs' with speculative decoding is not supported: leave out one of them "
+                           "(prompt_lookup: 0 turns speculation off).", "logprobs", "invalid_value")
         stream = get(body, "stream", "boolean", False)
         options = get(body, "stream_options", "object", {})
         include_usage = get(options, "include_usage", "boolean", False)
@@ -588,7 +656,7 @@ class Api:
             raise ApiError(503, "the server is shutting down", kind="server_error")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         job = Job(f"{OBJECTS[kind, False]} {rid}", ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
-                  chat=kind == "chat", logprobs=logprobs)
+                  chat=kind == "chat", logprobs=logprobs, speculation=speculation)
         self.worker.jobs.put(job)
         head = {"id": rid, "object": OBJECTS[kind, stream], "created": int(time.time()), "model": self.model_id}
         offset = len(body["prompt"]) if kind == "text" and isinstance(body.get("prompt"), str) else 0
@@ -787,7 +855,7 @@ def default_max_batch() -> int:
 
 def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
           template_file=None, no_template=False, max_batch: int | None = None, log_level: str = "info",
-          allowed_origins: tuple = (), api_key: str | None = None):
+          allowed_origins: tuple = (), api_key: str | None = None, draft_model: str | None = None):
     from .chat_template import choose_template
     from .hub import resolve
     from .load import compute_dtype, load_model
@@ -800,7 +868,13 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     if max_batch < 1:
         raise ElmError(f"--max-batch {max_batch}: expected >= 1")
     sock = bind(host, port)
-    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, max_batch)
+    load_draft = None
+    if draft_model is not None:
+        from .speculative import load_draft as load_checked
+
+        def load_draft(target):
+            return load_checked(draft_model, target, tokenizer, dtype, tokenizer_file)
+    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, max_batch, load_draft)
     model = worker.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,

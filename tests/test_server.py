@@ -92,6 +92,15 @@ def test_chat_completion_is_local_generation_with_the_template(client, local):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), n, len(ids) + n)
 
 
+def test_prompt_lookup_per_request_gives_the_same_answer_and_its_stats(url, local):
+    body = {"prompt": "The cat sat on the mat. The cat sat on the", "max_tokens": 12, "temperature": 0}
+    _, plain = request(url, "POST", "/v1/completions", body)
+    _, spec = request(url, "POST", "/v1/completions", body | {"prompt_lookup": 4})
+    assert plain["choices"][0]["text"] == spec["choices"][0]["text"]
+    assert "acceptance_rate" not in plain["usage"]
+    assert 0 <= spec["usage"]["acceptance_rate"] <= 1 and spec["usage"]["tokens_per_forward"] >= 1
+
+
 def test_streamed_chat_equals_the_whole_answer(client):
     kw = dict(model=MODEL, messages=messages("Tell me about MLX"), temperature=0, max_tokens=12)
     whole = client.chat.completions.create(**kw)

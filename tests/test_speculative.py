@@ -369,3 +369,25 @@ def test_frequency_and_presence_penalties_count_position_by_position(models, pro
         assert plain != take(generate_tokens(model, ids, repetition_penalty=1.1), n)  # the penalties bite
     # Guesses were checked (the penalties keep this model from repeating, so lookups rarely hit).
     assert stats.proposed > 0 and (stats.accepted > 0 or proposer == "lookup")
+
+
+def test_server_speculates_per_request(folder32k, tmp_path):
+    from serving import request, running_server
+
+    with running_server(folder32k, tmp_path / "serve.log", "--dtype", "fp32", "--draft-model", str(folder32k),
+                        "--num-draft-tokens", "2") as url:
+        body = {"prompt": TEXT, "max_tokens": 10, "temperature": 0, "repetition_penalty": 1.0}
+        _, default = request(url, "POST", "/v1/completions", body)
+        _, more = request(url, "POST", "/v1/completions", body | {"num_draft_tokens": 4})
+        _, lookup = request(url, "POST", "/v1/completions", body | {"prompt_lookup": 3})
+        with_logprobs = request(url, "POST", "/v1/completions", body | {"logprobs": 0})
+        status, error = request(url, "POST", "/v1/completions", body | {"prompt_lookup": -1})
+    model, tok = load(folder32k, dtype="fp32")
+    text = "".join(r.text for r in stream_generate(model, tok, TEXT, 10))
+    assert default["choices"][0]["text"] == more["choices"][0]["text"] == lookup["choices"][0]["text"] == text
+    # The model drafting for itself is always right: 2 or 4 guesses kept per forward.
+    assert default["usage"]["acceptance_rate"] == more["usage"]["acceptance_rate"] == 1.0
+    assert default["usage"]["tokens_per_forward"] < more["usage"]["tokens_per_forward"]
+    assert 0 <= lookup["usage"]["acceptance_rate"] <= 1
+    assert with_logprobs[0] == 400 and with_logprobs[1]["error"]["param"] == "logprobs"
+    assert status == 400 and error["error"]["param"] == "prompt_lookup"
