@@ -28,17 +28,26 @@ def llama_tokenizer() -> Path:
     return LLAMA_TOKENIZER
 
 
-@pytest.fixture(scope="module")
-def instruct_folder(tmp_path_factory, llama_tokenizer) -> Path:
-    """A tiny OpenELM over the real vocabulary, named -Instruct (so it gets Apple's chat
-    template), with its tokenizer.model."""
+def tiny_model_folder(path: Path) -> Path:
+    """A tiny OpenELM over the real 32000-token vocabulary, with its tokenizer.model."""
     from checkpoints import make_hf_checkpoint
     from engine import TINY_32K
 
-    path = tmp_path_factory.mktemp("models") / "OpenELM-270M-Instruct"
     make_hf_checkpoint(path, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
+    shutil.copyfile(LLAMA_TOKENIZER, path / "tokenizer.model")
     return path
+
+
+@pytest.fixture(scope="module")
+def instruct_folder(tmp_path_factory) -> Path:
+    """tiny_model_folder named -Instruct, so it gets Apple's chat template."""
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "OpenELM-270M-Instruct")
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory) -> Path:
+    """tiny_model_folder of a base model: no chat template."""
+    return tiny_model_folder(tmp_path_factory.mktemp("models") / "OpenELM-270M")
 
 
 @pytest.fixture

@@ -47,12 +47,9 @@ def fails(args, message, input=None, env=None):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, llama_tokenizer):
+def model_dir(base_folder):
     """A working model folder (tiny, Llama-2 vocabulary, tokenizer included)."""
-    path = tmp_path_factory.mktemp("hostile") / "model"
-    make_hf_checkpoint(path, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
-    return path
+    return base_folder
 
 
 @pytest.fixture

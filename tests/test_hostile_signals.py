@@ -10,19 +10,26 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 
 import pytest
-from checkpoints import make_hf_checkpoint
-from engine import TINY_32K
 from hostile import ELM_MLX, quiet_env, silent_server
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, llama_tokenizer):
-    path = tmp_path_factory.mktemp("signals") / "model"
-    make_hf_checkpoint(path, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
-    return path
+def model_dir(base_folder):
+    return base_folder
+
+
+@contextmanager
+def spawned(args, env):
+    """`elm-mlx ARGS` running, killed on the way out if it has not ended."""
+    proc = subprocess.Popen([ELM_MLX, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def first_output(proc, limit=120) -> bytes:
@@ -38,16 +45,11 @@ def first_output(proc, limit=120) -> bytes:
 
 
 def test_ctrl_c_while_streaming_exits_130(model_dir):
-    proc = subprocess.Popen([ELM_MLX, "generate", "-M", str(model_dir), "Once upon a time", "-m", "1900",
-                             "--temp", "0", "--dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=quiet_env())
-    try:
+    with spawned(["generate", "-M", str(model_dir), "Once upon a time", "-m", "1900", "--temp", "0", "--dtype",
+                  "fp32"], quiet_env()) as proc:
         text = first_output(proc)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     err = err.decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "(interrupted)" in err
@@ -60,17 +62,12 @@ def test_ctrl_c_during_start_up_exits_130_without_a_traceback(model_dir, tmp_pat
     folder = shutil.copytree(model_dir, tmp_path / "no-tokenizer")
     (folder / "tokenizer.model").unlink()
     with silent_server() as (url, sock):
-        proc = subprocess.Popen([ELM_MLX, "generate", "-M", str(folder), "hi"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=quiet_env(HF_HUB_OFFLINE=0, HF_ENDPOINT=url))
-        try:
+        with spawned(["generate", "-M", str(folder), "hi"], quiet_env(HF_HUB_OFFLINE=0, HF_ENDPOINT=url)) as proc:
             sock.settimeout(60)
             conn, _ = sock.accept()  # it is now waiting for an answer
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
             conn.close()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
     err = err.decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err

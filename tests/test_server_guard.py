@@ -6,13 +6,10 @@ memory within 20 MB of where it started. Loopback only."""
 
 import json
 import random
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from checkpoints import make_hf_checkpoint
-from engine import TINY_32K
 from serving import connect, request, running_server, wait_idle
 
 KEY = "sesame"
@@ -22,10 +19,8 @@ CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, llama_tokenizer):
-    folder = tmp_path_factory.mktemp("models") / "tiny-Instruct"
-    make_hf_checkpoint(folder, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, folder / "tokenizer.model")
+def server(tmp_path_factory, instruct_folder):
+    folder = instruct_folder
     log = tmp_path_factory.mktemp("server") / "serve.log"
     process = []
     with running_server(folder, log, "--dtype", "fp32", "--max-tokens", "4", "--max-batch", "2", "--api-key", KEY,

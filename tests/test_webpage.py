@@ -1,13 +1,10 @@
 """The chat page that `elm-mlx serve` serves at /, in headless Chromium: a message is
 sent and a streamed reply appears. The screenshot is kept in tests/artifacts/."""
 
-import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
-from checkpoints import make_hf_checkpoint
-from engine import TINY_32K
 from serving import running_server
 
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -38,10 +35,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, llama_tokenizer):
-    folder = tmp_path_factory.mktemp("models") / "tiny-Instruct"
-    make_hf_checkpoint(folder, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, folder / "tokenizer.model")
+def url(tmp_path_factory, instruct_folder):
+    folder = instruct_folder
     log = tmp_path_factory.mktemp("server") / "serve.log"
     with running_server(folder, log, "--max-tokens", "24", "--temp", "0") as url:  # greedy: no early EOS
         yield url
