@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 
+import elm_mlx  # noqa: F401  (first: it binds an optimized BLAS before MLX loads)
 import mlx.core as mx
 import numpy as np
 

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import elm_mlx  # noqa: F401  (first: it binds an optimized BLAS before MLX loads)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

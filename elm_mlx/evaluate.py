@@ -21,9 +21,9 @@ elm_mlx.evaluate` (lm-eval's own command line with elm-mlx registered), or
 
 import json
 import logging
-import os
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .checkpoint import dtype_label
 from .errors import ElmError
+from .files import atomic_write_text
 from .generate import stream_generate
 from .load import load
 from .sample import SamplingParams
@@ -288,10 +289,7 @@ def write_json(obj, path: str) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
         return
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), text + "\n")
 
 
 def main():

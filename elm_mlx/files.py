@@ -85,6 +85,12 @@ def member_name(folder: Path, name, source: str) -> Path:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text to `path` through a temporary file in the same folder and a rename:
     readers (and a later crash or full disk) see the old file or the new one, never half."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write(path: Path, write) -> None:
+    """atomic_write_text for any content: `write(binary file)` fills the temporary file.
+    The file gets the permissions a plain open() would (mkstemp's are owner-only)."""
     path = Path(path)
     folder = path.parent
     try:
@@ -92,8 +98,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as e:
         raise ElmError(f"cannot write {path}: {describe_os_error(e)}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

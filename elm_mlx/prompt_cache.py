@@ -14,8 +14,6 @@ prompt shares with the ids held (context.CachedContext).
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,6 +21,7 @@ import mlx.core as mx
 from .checkpoint import dtype_label, weight_files
 from .context import CachedContext
 from .errors import ElmError
+from .files import atomic_write
 
 FORMAT = "elm-mlx prompt cache 1"
 IDENTITY = ("model", "weights", "dtype", "tokenizer")  # what must match for a file to be reused
@@ -54,14 +53,7 @@ def save(path, context: CachedContext, ident: dict, extra: dict | None = None):
     metadata = {"format": FORMAT, **ident, "token_ids": json.dumps(context.ids[:n]),
                 "extra": json.dumps(extra or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            mx.save_safetensors(f, arrays, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: mx.save_safetensors(f, arrays, metadata=metadata))
 
 
 def load(path, context: CachedContext, ident: dict) -> dict:

@@ -487,3 +487,15 @@ def test_prompt_ids_past_the_embedding_are_refused(model_dir, ids, message):
     tok = Tokenizer(model_dir / "tokenizer.model")
     with pytest.raises(ElmError, match=message):
         elm_mlx.generate(model, tok, ids, 2)
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_gets(tmp_path):
+    """chat /save, bench --json, eval --output and prompt caches go through a temporary file:
+    it must not leave the result readable by its owner only (mkstemp's 0600)."""
+    from elm_mlx.files import atomic_write_text
+
+    plain, atomic = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    atomic_write_text(atomic, "x")
+    assert (atomic.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
