@@ -47,7 +47,7 @@ def test_a_message_gets_a_streamed_reply(browser, url):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url + "/")
-    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "tiny-Instruct")
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "model").text == "OpenELM-270M-Instruct")
     browser.find_element(By.ID, "input").send_keys("Hello, who are you?")
     browser.find_element(By.ID, "send").click()
     WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".assistant[data-done='1']"))
