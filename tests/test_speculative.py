@@ -391,3 +391,16 @@ def test_server_speculates_per_request(folder32k, tmp_path):
     assert 0 <= lookup["usage"]["acceptance_rate"] <= 1
     assert with_logprobs[0] == 400 and with_logprobs[1]["error"]["param"] == "logprobs"
     assert status == 400 and error["error"]["param"] == "prompt_lookup"
+
+
+def test_prompt_lookup_guesses_from_the_latest_occurrence_that_leaves_n_tokens():
+    lookup = PromptLookup(3, 2)
+    # (7, 8) occurs at 1 and 6, both with three tokens after them: the latest wins.
+    guesses, q = lookup.propose([1, 7, 8, 9, 10, 11, 7, 8, 12, 7, 8], 3, None, True)
+    assert guesses.tolist() == [12, 7, 8] and q is None
+    # The latest occurrence (at 5) leaves two tokens before the end; the one at 1 leaves all three.
+    assert lookup.propose([5, 7, 8, 9, 10, 7, 8, 7, 8], 3, None, True)[0].tolist() == [9, 10, 7]
+    # None leaves three: the first, which leaves the most; then shorter n-grams; then nothing.
+    assert lookup.propose([4, 7, 8, 7, 8], 3, None, True)[0].tolist() == [7, 8]
+    assert lookup.propose([4, 8, 5, 6, 8], 3, None, True)[0].tolist() == [5, 6, 8]
+    assert lookup.propose([4, 5, 6], 3, None, True)[0].tolist() == []
