@@ -34,6 +34,7 @@ import mlx.core as mx
 
 from .context import common_prefix
 from .errors import ElmError
+from .generate import check_context
 from .sample import SequenceSampler, log_softmax
 
 MAX_TOP_LOGPROBS = 10  # OpenAI's limit
@@ -94,9 +95,7 @@ class BatchEngine:
         """Queue a prompt; it starts at the next step with room. Sampling keywords as SequenceSampler's."""
         if not ids:
             raise ElmError("the prompt is empty: expected at least one token (BOS)")
-        if len(ids) >= self.window:
-            raise ElmError(f"the prompt is {len(ids)} tokens; OpenELM's context is {self.window} tokens "
-                           "and a reply needs at least one more")
+        check_context(len(ids), self.window)
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ElmError(f"top_logprobs {logprobs}: expected 0 to {MAX_TOP_LOGPROBS}")
         sampler = SequenceSampler(self.model.config.vocab_size, ids, **sampling)

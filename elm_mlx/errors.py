@@ -43,8 +43,13 @@ class ArgumentError(ElmError):
         return f"{self.flag} {shown}: expected {self.want}"
 
 
+def is_integer(v) -> bool:
+    """An int that is not a bool (JSON and Python both let True pass for 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_max_tokens(max_tokens, minimum: int = 0) -> int:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < minimum:
+    if not is_integer(max_tokens) or max_tokens < minimum:
         raise ArgumentError("max_tokens", max_tokens, f"an integer >= {minimum}")
     return max_tokens
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 from .cache import make_cache
-from .errors import ElmError, check_max_tokens, quoted
+from .errors import ElmError, check_max_tokens, is_integer, quoted
 from .sample import SamplingParams, SequenceSampler
 from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, SpecStats, check_options, make_proposer, speculative_tokens
 from .step import decode_step
@@ -60,7 +60,7 @@ def check_ids(ids: list, vocab_size: int) -> None:
     """Token ids given directly must be rows of the embedding: MLX's gather does not
     check bounds, so an id past them would read other memory."""
     for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+        if not is_integer(t) or not 0 <= t < vocab_size:
             raise ElmError(f"prompt token {i} is {quoted(t)}: expected token ids from 0 to {vocab_size - 1}")
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .errors import ArgumentError
+from .errors import ArgumentError, is_integer
 
 
 SEED_LIMIT = 2**64  # what mx.random.seed takes
@@ -35,7 +35,7 @@ class SamplingParams:
     def __post_init__(self):
         for name, ok, want in [
             ("temp", _number(self.temp) and 0 <= self.temp <= 2, "a number in [0, 2] (0 means greedy)"),
-            ("top_k", _integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 means off)"),
+            ("top_k", is_integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 means off)"),
             ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 means off)"),
             ("min_p", _number(self.min_p) and 0 <= self.min_p < 1, "a number in [0, 1) (0 means off)"),
             ("repetition_penalty", _number(self.repetition_penalty) and self.repetition_penalty > 0,
@@ -44,19 +44,15 @@ class SamplingParams:
              "a number in [-2, 2] (0 means off)"),
             ("presence_penalty", _number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "a number in [-2, 2] (0 means off)"),
-            ("seed", self.seed is None or (_integer(self.seed) and 0 <= self.seed < SEED_LIMIT),
+            ("seed", self.seed is None or (is_integer(self.seed) and 0 <= self.seed < SEED_LIMIT),
              f"an integer from 0 to {SEED_LIMIT - 1}"),
         ]:
             if not ok:
                 raise ArgumentError(name, getattr(self, name), want)
 
 
-def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _number(v) -> bool:
-    return (_integer(v) or isinstance(v, float)) and math.isfinite(v)
+    return (is_integer(v) or isinstance(v, float)) and math.isfinite(v)
 
 
 def make_filter(temp, top_k=0, top_p=1.0, min_p=0.0, values=None):

@@ -33,7 +33,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import make_cache
-from .errors import ArgumentError, ElmError
+from .errors import ArgumentError, ElmError, is_integer
 from .sample import apply_frequency_presence, apply_repetition_penalty, make_filter
 
 DEFAULT_NGRAM = 2  # transformers' prompt lookup default (max_matching_ngram_size)
@@ -67,7 +67,7 @@ def check_options(prompt_lookup: int = 0, ngram: int = DEFAULT_NGRAM, draft_mode
         ("ngram", ngram, 1, "an integer >= 1"),
         ("num_draft_tokens", num_draft_tokens, 1, "an integer >= 1"),
     ]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        if not is_integer(value) or value < minimum:
             raise ArgumentError(name, value, want)
     if prompt_lookup and draft_model is not None:
         raise ElmError("prompt lookup and a draft model: choose one way to propose tokens")
