@@ -108,6 +108,23 @@ def log_softmax(logits):
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def seen_mask(ids, vocab_size: int):
+    """The repetition penalty's set: bool[vocab], True for every id in `ids`."""
+    seen = mx.zeros((vocab_size,), mx.bool_)
+    if len(ids):
+        seen[mx.array(list(ids))] = True
+    return seen
+
+
+def penalize(logits, seen, counts, repetition_penalty, frequency_penalty=0.0, presence_penalty=0.0):
+    """The penalties, in HF's order, for whichever state is kept (None: that penalty is off)."""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if counts is not None:
+        logits = apply_frequency_presence(logits, counts, frequency_penalty, presence_penalty)
+    return logits
+
+
 class SequenceSampler:
     """One sequence's sampling: its penalties' state (ids seen, output counts) and its random key.
 
@@ -117,11 +134,7 @@ class SequenceSampler:
 
     def __init__(self, vocab_size: int, context=(), *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
                  repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None):
-        self.seen = None
-        if repetition_penalty != 1.0:
-            self.seen = mx.zeros((vocab_size,), mx.bool_)
-            if len(context):
-                self.seen[mx.array(list(context))] = True
+        self.seen = seen_mask(context, vocab_size) if repetition_penalty != 1.0 else None
         self.counts = mx.zeros((vocab_size,), mx.float32) if (frequency_penalty or presence_penalty) else None
         self.repetition_penalty = repetition_penalty
         self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
@@ -134,10 +147,8 @@ class SequenceSampler:
             self.key = mx.random.key(seed)
 
     def transform(self, logits):
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen, self.repetition_penalty)
-        if self.counts is not None:
-            logits = apply_frequency_presence(logits, self.counts, self.frequency_penalty, self.presence_penalty)
+        logits = penalize(logits, self.seen, self.counts, self.repetition_penalty, self.frequency_penalty,
+                          self.presence_penalty)
         return logits.astype(mx.float32) if self.filter is None else self.filter(logits)
 
     def next_key(self):

@@ -34,7 +34,7 @@ import numpy as np
 
 from .cache import make_cache
 from .errors import ArgumentError, ElmError, is_integer
-from .sample import apply_frequency_presence, apply_repetition_penalty, make_filter
+from .sample import make_filter, penalize, seen_mask
 
 DEFAULT_NGRAM = 2  # transformers' prompt lookup default (max_matching_ngram_size)
 DEFAULT_DRAFT_TOKENS = 3  # mlx-lm's --num-draft-tokens default
@@ -94,19 +94,9 @@ def make_transform(temp, top_k, top_p, min_p, repetition_penalty, frequency_pena
     filter_ = make_filter(temp, top_k, top_p, min_p) if temp > 0 else None
 
     def transform(logits, seen, counts=None):
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        if counts is not None:
-            logits = apply_frequency_presence(logits, counts, frequency_penalty, presence_penalty)
+        logits = penalize(logits, seen, counts, repetition_penalty, frequency_penalty, presence_penalty)
         return logits if filter_ is None else filter_(logits)
     return transform
-
-
-def seen_mask(ids, vocab_size: int):
-    seen = mx.zeros((vocab_size,), mx.bool_)
-    if len(ids):
-        seen[mx.array(ids)] = True
-    return seen
 
 
 class PromptLookup:
