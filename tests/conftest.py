@@ -58,3 +58,20 @@ def offline_caches(tmp_path, monkeypatch):
 
     use_hub_cache(monkeypatch, tmp_path / "empty-hf-cache")
     monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "empty-elm-cache"))
+
+
+@pytest.fixture(scope="module")
+def tok(llama_tokenizer):
+    """The real Llama-2 tokenizer, loaded (a fresh one per test module)."""
+    from elm_mlx.tokenizer import Tokenizer
+
+    return Tokenizer(llama_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny32k_model():
+    """An fp32 MLX model of the tiny architecture over the real vocabulary (engine.TINY_32K), random weights."""
+    from checkpoints import random_weights
+    from engine import TINY_32K, build
+
+    return build(TINY_32K, random_weights(TINY_32K, seed=3))

@@ -20,20 +20,15 @@ from elm_mlx import ElmError, stream_generate
 from elm_mlx.chat import Chat
 from elm_mlx.chat_template import OPENELM_TEMPLATE, ChatTemplate, chat_ids
 from elm_mlx.sample import SamplingParams
-from elm_mlx.tokenizer import Tokenizer
 
 APPLE = ChatTemplate(OPENELM_TEMPLATE, "OpenELM-Instruct")
 GREEDY = SamplingParams(temp=0.0, repetition_penalty=1.2)  # the penalty must see the whole conversation, cached or not
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build(TINY_32K, random_weights(TINY_32K, seed=3))
+def model(tiny32k_model):
+    return tiny32k_model
 
-
-@pytest.fixture(scope="module")
-def tok(llama_tokenizer):
-    return Tokenizer(llama_tokenizer)
 
 
 def say(chat, text):

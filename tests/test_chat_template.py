@@ -21,15 +21,11 @@ from elm_mlx.chat_template import (
     says_instruct,
 )
 from elm_mlx.cli import app
-from elm_mlx.tokenizer import TOKENIZER_REPO, Tokenizer
+from elm_mlx.tokenizer import TOKENIZER_REPO
 
 APPLE = ChatTemplate(OPENELM_TEMPLATE, "OpenELM-Instruct")
 USER = [{"role": "user", "content": "Hello there"}]
 
-
-@pytest.fixture(scope="module")
-def tok(llama_tokenizer):
-    return Tokenizer(llama_tokenizer)
 
 
 def test_apple_template_renders_zephyr_turns_with_an_empty_system_turn():

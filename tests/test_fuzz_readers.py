@@ -11,7 +11,6 @@ import zipfile
 from datetime import timedelta
 
 import numpy as np
-import pytest
 import torch_format as tf
 from hostile import safetensors_bytes
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +19,6 @@ from hypothesis import strategies as st
 from elm_mlx import ElmError
 from elm_mlx.checkpoint import read_header
 from elm_mlx.convert.torch_zip import TensorRef, TorchCheckpoint
-from elm_mlx.tokenizer import Tokenizer
 
 FUZZ = settings(max_examples=150, deadline=timedelta(seconds=5), derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -134,10 +132,6 @@ def test_the_fuzzed_file_is_a_working_checkpoint(tmp_path):
     assert np.array_equal(ckpt.read(state["w.t"]), ckpt.read(state["w.weight"]).T)
     _read_everything(tmp_path / "c.pt")
 
-
-@pytest.fixture(scope="module")
-def tok(llama_tokenizer):
-    return Tokenizer(llama_tokenizer)
 
 
 @FUZZ

@@ -22,10 +22,6 @@ def model(weights):
     return build(TINY_32K, weights)
 
 
-@pytest.fixture(scope="module")
-def tok(llama_tokenizer):
-    return Tokenizer(llama_tokenizer)
-
 
 class EosAt(Tokenizer):
     """The real tokenizer with another id playing EOS, to make a stop happen."""

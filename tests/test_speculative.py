@@ -15,7 +15,6 @@ from elm_mlx.cache import make_cache
 from elm_mlx.context import CachedContext
 from elm_mlx.generate import generate_tokens
 from elm_mlx.speculative import DraftModel, PromptLookup, SpecStats, speculative_tokens
-from elm_mlx.tokenizer import Tokenizer
 
 ARCHS = ["tied", "untied", "no_qk_norm", "odd_layers", "head_dim_128"]
 
@@ -113,13 +112,9 @@ def test_lookup_proposes_what_followed_the_last_match():
 
 
 @pytest.fixture(scope="module")
-def model32k():
-    return build(TINY_32K, random_weights(TINY_32K, seed=3))
+def model32k(tiny32k_model):
+    return tiny32k_model
 
-
-@pytest.fixture(scope="module")
-def tok(llama_tokenizer):
-    return Tokenizer(llama_tokenizer)
 
 
 TEXT = "The cat sat on the mat. The dog sat on the log. The cat sat on the"

@@ -27,10 +27,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(llama_tokenizer):
-    return Tokenizer(llama_tokenizer)
-
 
 @pytest.fixture(scope="module")
 def sp(tok, llama_tokenizer):
