@@ -199,6 +199,7 @@ class BatchEngine:
         out = []
         for seq, y, e in zip(seqs, drawn, extra):
             token = y.item()
+            seq.sampler.accept(token)
             seq.tokens.append(token)
             self.totals["generated_tokens"] += 1
             t = Token(seq, token)

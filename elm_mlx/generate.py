@@ -66,7 +66,7 @@ def check_ids(ids: list, vocab_size: int) -> None:
 
 def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
                     repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
-                    context=(), compile=True):
+                    context=(), compile=True, constraint=None):
     """Yields token ids forever (the caller stops); the cache ends up holding
     the context. `context`: ids the cache already holds, which the repetition
     penalty counts as it would without a cache. The prompt goes through the
@@ -74,11 +74,13 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
     (elm_mlx/step.py), or the eager forward too with compile=False (the
     reference it equals; also used for the frequency and presence penalties,
     which the compiled step does not have). The draws come from the sequence's
-    own random key (see sample.py), as in the server's batches. Validation is
-    the caller's."""
+    own random key (see sample.py), as in the server's batches. `constraint`
+    (structured output, see sample.py) masks every token; the next step then
+    waits for this token, since its mask depends on it. Validation is the caller's."""
     sampler = SequenceSampler(model.config.vocab_size, list(context) + list(prompt_ids), temp=temp, top_k=top_k,
                               top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed)
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
+                              constraint=constraint)
     cache = make_cache(model) if cache is None else cache
 
     def step(tokens):
@@ -88,12 +90,18 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
     mx.async_eval(y)
     if compile and sampler.counts is None:
         fast = decode_step(model, temp=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                           repetition_penalty=repetition_penalty)
+                           repetition_penalty=repetition_penalty, constrained=constraint is not None)
 
         def step(tokens):
-            y, sampler.seen = fast(tokens, cache, sampler.seen, sampler.next_key())
+            y, sampler.seen = fast(tokens, cache, sampler.seen, sampler.next_key(), sampler.allowed())
             return y
 
+    if constraint is not None:  # no step ahead: the next mask needs this token
+        while True:
+            token = y.item()
+            sampler.accept(token)
+            yield token
+            y = step(y)
     while True:
         next_y = step(y)
         mx.async_eval(next_y)
@@ -104,7 +112,7 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(),
                     sampling: SamplingParams | None = None, compile: bool = True, prompt_lookup: int = 0,
                     ngram: int = DEFAULT_NGRAM, draft_model=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-                    **sampling_args):
+                    constraint=None, **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
@@ -120,8 +128,13 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     tokens earlier in the text; `draft_model=` a smaller OpenELM (or the model
     quantized) guesses `num_draft_tokens`; guesses are checked with the eager
     forward. The cache may then end one token short of the text (CachedContext
-    handles that)."""
+    handles that).
+
+    `constraint`: structured output's per-token mask (see sample.py)."""
     sampling = sampling or SamplingParams(**sampling_args)
+    if constraint is not None and (prompt_lookup or draft_model is not None):
+        raise ElmError("structured output and speculative decoding together are not supported yet: "
+                       "drop --prompt-lookup / --draft-model")
     check_options(prompt_lookup, ngram, draft_model, num_draft_tokens, model)
     max_tokens = check_max_tokens(max_tokens)
     window = model.config.max_context_length
@@ -142,7 +155,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
         tokens = speculative_tokens(model, ids, proposer, cache=cache, context=context, max_tokens=max_tokens,
                                     stats=stats, **asdict(sampling))
     else:
-        tokens = generate_tokens(model, ids, cache=cache, context=context, compile=compile, **asdict(sampling))
+        tokens = generate_tokens(model, ids, cache=cache, context=context, compile=compile, constraint=constraint,
+                                 **asdict(sampling))
     for n, token in enumerate(tokens, start=1):
         now = time.perf_counter()
         if n == 1:

@@ -1,6 +1,13 @@
 """Turning logits into the next token, with Hugging Face's semantics and order:
+a structured-output mask first (tokens a grammar forbids go to -inf), then the
 repetition penalty (then OpenAI's frequency and presence penalties), then
 temperature, top-k, top-p, min-p, then a draw.
+
+The mask is the one hook structured output has into every decode path (eager,
+compiled, batched): a sequence's `constraint` says which tokens may come next
+(`allowed()`: bool [vocab] as an mx.array) and is told each token drawn
+(`advance(token)`). Every engine applies `apply_allowed` before any other
+transform, and calls `SequenceSampler.accept` with the token as a Python int.
 
 Each sequence draws from its own random key, made from its seed and split once
 per token (`SequenceSampler`), never from MLX's global generator: a sequence
@@ -104,6 +111,12 @@ def apply_frequency_presence(logits, counts, frequency, presence):
     return logits - (frequency * counts + presence * (counts > 0))
 
 
+def apply_allowed(logits, allowed):
+    """logits with every token outside `allowed` (bool [V] or [B, V]) at -inf; None: unchanged.
+    Applied before the penalties and filters, so they only ever see allowed tokens."""
+    return logits if allowed is None else mx.where(allowed, logits, -mx.inf)
+
+
 def log_softmax(logits):
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
@@ -126,14 +139,17 @@ def penalize(logits, seen, counts, repetition_penalty, frequency_penalty=0.0, pr
 
 
 class SequenceSampler:
-    """One sequence's sampling: its penalties' state (ids seen, output counts) and its random key.
+    """One sequence's sampling: its penalties' state (ids seen, output counts), its random key
+    and its constraint (None, or an object with allowed() -> bool [V] and advance(token)).
 
     `sampler(logits[1, V]) -> (token[1], logits after every transform)`: the second is
     what `log_softmax` turns into the logprobs a server reports. With seed None the
     key comes from MLX's global generator (so `mx.random.seed` still decides)."""
 
     def __init__(self, vocab_size: int, context=(), *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                 repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None):
+                 repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None,
+                 constraint=None):
+        self.constraint = constraint
         self.seen = seen_mask(context, vocab_size) if repetition_penalty != 1.0 else None
         self.counts = mx.zeros((vocab_size,), mx.float32) if (frequency_penalty or presence_penalty) else None
         self.repetition_penalty = repetition_penalty
@@ -146,7 +162,17 @@ class SequenceSampler:
         else:
             self.key = mx.random.key(seed)
 
-    def transform(self, logits):
+    def allowed(self):
+        """The mask for the next token (bool [V]), None without a constraint."""
+        return None if self.constraint is None else self.constraint.allowed()
+
+    def accept(self, token: int):
+        """Told by the engine which token was drawn (a Python int): the constraint moves on."""
+        if self.constraint is not None:
+            self.constraint.advance(token)
+
+    def transform(self, logits, allowed=None):
+        logits = apply_allowed(logits, allowed)
         logits = penalize(logits, self.seen, self.counts, self.repetition_penalty, self.frequency_penalty,
                           self.presence_penalty)
         return logits.astype(mx.float32) if self.filter is None else self.filter(logits)
@@ -159,7 +185,7 @@ class SequenceSampler:
         return key
 
     def __call__(self, logits):
-        logits = self.transform(logits)
+        logits = self.transform(logits, self.allowed())
         if self.filter is None:
             y = mx.argmax(logits, axis=-1)
         else:

@@ -16,14 +16,14 @@ reference this step must equal (tests/test_step.py)."""
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .sample import apply_repetition_penalty, make_sampler
+from .sample import apply_allowed, apply_repetition_penalty, make_sampler
 
 
-def _structure(temp, top_k, top_p, min_p, penalty) -> tuple:
+def _structure(temp, top_k, top_p, min_p, penalty, constrained=False) -> tuple:
     """What the trace depends on: which filters run (and top-k's k, a shape).
     The values themselves are array inputs (`_knobs`), so one trace, and one
     set of fused kernels, serves every temperature a server is asked for."""
-    return (temp != 0, top_k, top_p < 1.0, min_p > 0.0, penalty != 1.0)
+    return (temp != 0, top_k, top_p < 1.0, min_p > 0.0, penalty != 1.0, bool(constrained))
 
 
 def _knobs(temp, top_p, min_p, penalty) -> mx.array:
@@ -32,11 +32,13 @@ def _knobs(temp, top_p, min_p, penalty) -> mx.array:
 
 def _trace(model, structure: tuple):
     """The compiled function for one sampling structure: (token[B, 1],
-    offset[1], keys, values, seen, knobs, key) -> (next token[B], keys, values, seen)."""
-    sampled, top_k, use_top_p, use_min_p, penalized = structure
+    offset[1], keys, values, seen, knobs, key, allowed) -> (next token[B], keys, values, seen)."""
+    sampled, top_k, use_top_p, use_min_p, penalized, constrained = structure
 
-    def step(token, offset, keys, values, seen, knobs, key):
+    def step(token, offset, keys, values, seen, knobs, key, allowed):
         logits, keys, values = model.decode(token, offset, keys, values)
+        if constrained:  # structured output's mask, before every other transform (sample.py)
+            logits = apply_allowed(logits, allowed)
         if penalized:  # in the logits' dtype, as the eager path's Python float is
             logits = apply_repetition_penalty(logits, seen, knobs[3].astype(logits.dtype))
         # Python numbers choose the filters; knobs[0..2] are their values.
@@ -55,14 +57,16 @@ def _trace(model, structure: tuple):
     return mx.compile(step)
 
 
-def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0):
-    """step(token [B] ids, cache, seen, key=None) -> (next ids [B], seen): one token
+def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, constrained=False):
+    """step(token [B] ids, cache, seen, key=None, allowed=None) -> (next ids [B], seen): one token
     through the compiled step; the cache (holding at least the prompt, from
     the eager forward) advances by one position. seen
     (bool [vocab]) is the repetition penalty's set, None when it is off.
+    constrained: every call passes `allowed` (bool [vocab]), structured
+    output's mask for this token (sample.apply_allowed).
     Traces are kept on the model, so later calls (chat turns, server
     requests) reuse them."""
-    structure = _structure(temp, top_k, top_p, min_p, repetition_penalty)
+    structure = _structure(temp, top_k, top_p, min_p, repetition_penalty, constrained)
     knobs = _knobs(temp, top_p, min_p, repetition_penalty)
     weights = tuple(id(p) for _, p in tree_flatten(model.parameters()))
     traces = model.__dict__.setdefault("_elm_decode_steps", {})
@@ -74,7 +78,9 @@ def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_pe
     fn = traces[structure]
     placeholder, no_key = mx.array(False), mx.zeros((2,), mx.uint32)
 
-    def step(token, cache, seen, key=None):
+    def step(token, cache, seen, key=None, allowed=None):
+        if constrained and allowed is None:
+            raise ValueError("decode_step: a constrained step needs the allowed mask of every token")
         c0 = cache[0]
         if c0.keys is None:
             raise ValueError("decode_step: the cache is empty; run the prompt through the model first")
@@ -84,7 +90,8 @@ def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_pe
         if key is None:  # greedy; or a caller without a sequence key: one from MLX's global generator
             key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32) if structure[0] else no_key
         y, keys, values, seen_out = fn(token.reshape(-1, 1), offset, [c.keys for c in cache],
-                                       [c.values for c in cache], placeholder if seen is None else seen, knobs, key)
+                                       [c.values for c in cache], placeholder if seen is None else seen, knobs, key,
+                                       placeholder if allowed is None else allowed)
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values = k, v
             c.offset += 1
