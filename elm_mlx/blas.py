@@ -10,10 +10,26 @@ Which library: the path in $ELM_MLX_BLAS (`none` binds nothing), else the
 first of CANDIDATES that exists (Debian/Ubuntu's `libopenblas0-pthread`,
 Fedora's `openblas`). This module imports nothing else of elm_mlx and no MLX,
 so `elm_mlx/__init__.py` can call bind() first thing. elm-mlx bench reports
-the BLAS actually bound (elm_mlx/bench/machine.py)."""
+the BLAS actually bound (elm_mlx/bench/machine.py).
 
+A BLAS already in the process's global scope (LD_PRELOAD, or a host program
+that loaded one) is kept: binding a second would leave two thread pools and
+two sets of exit-time destructors in one process.
+
+Exit. OpenBLAS's pthread build joins its worker threads in a library
+destructor (gotoblas_quit -> blas_thread_shutdown_) as the process exits. On
+a loaded machine a worker that is just going to sleep can miss that wake-up
+(Debian's 0.3.21), and the join waits forever: the output printed, every
+thread on a futex. MLX's own static destructors can also crash while its
+threads run (a segfault after the output). Nothing needs either teardown at
+exit, so `exit_process` does Python's exit work (atexit handlers, flushing)
+and ends the process with os._exit; the `elm-mlx` command always leaves that
+way, and a Python program can do the same."""
+
+import atexit
 import ctypes
 import os
+import re
 import sys
 
 ENV = "ELM_MLX_BLAS"
@@ -42,6 +58,10 @@ def bind() -> str | None:
     wanted = os.environ.get(ENV)
     if wanted is not None and wanted.strip().lower() in ("", "none", "0"):
         return None
+    present = loaded_openblas()
+    if present is not None:  # LD_PRELOAD or a host program bound one already: never a second
+        _state["bound"] = present
+        return present
     for path in [wanted] if wanted else CANDIDATES:
         if not os.path.exists(path):
             if wanted:
@@ -60,6 +80,37 @@ def bind() -> str | None:
         _state["bound"] = path
         return path
     return None
+
+
+def loaded_openblas() -> str | None:
+    """The path of an OpenBLAS already in the process's global symbol scope, else None."""
+    if not hasattr(ctypes.CDLL(None), "openblas_get_config"):
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            found = re.search(r"(/\S*libopenblas\S*\.so\S*)", maps.read())
+    except OSError:
+        found = None
+    return found.group(1) if found else "openblas (already loaded)"
+
+
+def exit_process(code=0):
+    """End the process now, skipping native library destructors (see the module docstring):
+    atexit handlers run and stdout/stderr are flushed first. code: as SystemExit's."""
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+                pass
+        os._exit(code)
 
 
 def hint_if_missing(cpu_backend: bool) -> None:

@@ -548,8 +548,12 @@ def main():
     from . import blas
 
     blas.bind()  # done by the package import already; the entry point states it
+    code = 0
     try:
         app()
-    except KeyboardInterrupt:  # outside a command (while typer parses, or at exit)
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:  # outside a command (while typer parses)
         sys.stderr.write("\ninterrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+        code = EXIT_INTERRUPTED
+    blas.exit_process(code)  # never through native destructors: they can hang or crash (elm_mlx/blas.py)

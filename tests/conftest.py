@@ -22,6 +22,24 @@ import pytest  # noqa: E402
 LLAMA_TOKENIZER = Path(__file__).resolve().parent / "data/llama2-tokenizer/tokenizer.model"
 
 
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """The test process ends as the command does, without native destructors: OpenBLAS's
+    exit-time pool shutdown can hang on a loaded machine (elm_mlx/blas.py, exit_process).
+    Only once everything is reported; atexit handlers (the cache folder above) still run."""
+    if _EXIT_STATUS in config.stash:
+        from elm_mlx import blas
+
+        blas.exit_process(config.stash[_EXIT_STATUS])
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer() -> Path:
     """The real Llama-2 tokenizer.model (OpenELM's), kept in tests/data with its notice."""

@@ -10,6 +10,11 @@ from mlx_lm.models import openelm as mlx_lm_openelm
 from elm_mlx.config import OpenELMConfig
 from elm_mlx.model import Model
 
+# What the batch engine promises a prompt partly read from a kept row (README, Serve): the same
+# tokens, and log-probabilities within this of a fresh read (fp32), since the reused positions were
+# computed by differently shaped operations.
+REUSE_LOGPROB_TOL = 1e-5
+
 # A tiny model over the real 32000-token vocabulary, for end-to-end text tests.
 TINY_32K = hf_config(layers=3, model_dim=64, head_dim=16, num_query_heads=[4, 2, 8], num_kv_heads=[1, 2, 2],
                      ffn_multipliers=[1.0, 2.0, 1.5], vocab_size=32000, ffn_dim_divisor=32)

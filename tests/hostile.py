@@ -71,18 +71,13 @@ def silent_server():
 # mark of this process image (ru_maxrss would include the parent's, as Linux keeps it
 # across exec).
 PEAK_RSS_KIB = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+# main() ends the process itself (elm_mlx/blas.py, exit_process) after running atexit handlers.
 _PEAK = textwrap.dedent(f"""
-    import sys
+    import atexit, sys
     from elm_mlx.cli import main
     sys.argv = ["elm-mlx"] + sys.argv[1:]
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.stderr.write(f"\\npeak_rss_kib={{{PEAK_RSS_KIB}}}\\n")
-    sys.exit(code)
+    atexit.register(lambda: sys.stderr.write(f"\\npeak_rss_kib={{{PEAK_RSS_KIB}}}\\n"))
+    main()
 """)
 
 

@@ -67,6 +67,19 @@ def test_env_path_overrides_the_candidates(tmp_path):
 
 
 @linux
+def test_a_blas_already_in_the_process_is_kept_never_a_second(tmp_path):
+    if not DEBIAN_OPENBLAS.exists():
+        pytest.skip("needs Debian's libopenblas0-pthread")
+    other = tmp_path / "libmyblas.so"  # what ELM_MLX_BLAS asks for would be a second library
+    shutil.copy(DEBIAN_OPENBLAS.resolve(), other)
+    out, err = probe(VIA_PACKAGE, {"LD_PRELOAD": str(DEBIAN_OPENBLAS), blas.ENV: str(other)})
+    # (numpy's private, symbol-prefixed copy aside)
+    assert str(other) not in out["maps"] and len([m for m in out["maps"] if "openblas-pthread" in m]) == 1
+    assert "openblas" in out["bound"] and out["sgemm"] == out["bound"]
+    assert err == ""
+
+
+@linux
 def test_env_none_keeps_mlx_bundled_blas():
     out, err = probe(VIA_PACKAGE, {blas.ENV: "none"})
     assert out["bound"] is None and "openblas-pthread" not in out["sgemm"]

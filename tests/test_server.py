@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from checkpoints import make_hf_checkpoint
-from engine import TINY_32K
+from engine import REUSE_LOGPROB_TOL, TINY_32K
 from openai import OpenAI
 from serving import connect, health, request, running_server, wait_idle
 
@@ -226,7 +226,10 @@ def test_chat_logprobs_equal_the_models_log_softmax(client, local):
     assert len(entries) == r.usage.completion_tokens
     streamed = client.chat.completions.create(**kw, stream=True)
     lp = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in lp] == [(e.token, e.logprob) for e in entries]
+    # The streamed request may read part of its prompt from the first one's kept row: the same
+    # tokens, log-probabilities within the batch engine's stated reuse tolerance (README, Serve).
+    assert [e.token for e in lp] == [e.token for e in entries]
+    assert [e.logprob for e in lp] == pytest.approx([e.logprob for e in entries], abs=REUSE_LOGPROB_TOL)
 
 
 def test_completion_logprobs_have_the_legacy_shape(client):
