@@ -81,6 +81,14 @@ def test_models_and_health(client, url):
     assert h["max_batch"] == 8 and {"requests", "finished", "cancelled", "generated_tokens", "tasks"} <= set(h)
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_id_is_an_openai_404(client, url):
+    m = client.models.retrieve(MODEL)
+    assert (m.id, m.object, m.owned_by) == (MODEL, "model", "elm-mlx")
+    status, reply = request(url, "GET", "/v1/models/no-such-model")
+    assert status == 404 and reply["error"]["code"] == "model_not_found" and reply["error"]["param"] == "model"
+    assert "no-such-model" in reply["error"]["message"] and MODEL in reply["error"]["message"]
+
+
 def test_chat_completion_is_local_generation_with_the_template(client, local):
     r = client.chat.completions.create(model=MODEL, messages=messages("Hello there"), temperature=0, max_tokens=10)
     ids = chat_ids(local[1], APPLE, messages("Hello there"))
