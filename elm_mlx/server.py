@@ -812,9 +812,13 @@ class Guard:
         if self.api_key and scope["path"].startswith("/v1/"):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return await ApiError(401, "This server needs an API key: send 'Authorization: Bearer KEY' (the "
-                                      "--api-key it was started with).", code="invalid_api_key",
-                                      ).response()(scope, receive, send_with_cors)
+                if given:
+                    why = ("The API key sent is wrong: send 'Authorization: Bearer KEY' with the --api-key this "
+                           "server was started with.")
+                else:
+                    why = ("This server needs an API key: send 'Authorization: Bearer KEY' (the --api-key it was "
+                           "started with).")
+                return await ApiError(401, why, code="invalid_api_key").response()(scope, receive, send_with_cors)
         if method == "POST":
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":
