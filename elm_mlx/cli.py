@@ -234,10 +234,13 @@ def read_stdin() -> str:
     """Standard input as text, strictly UTF-8."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ElmError(f"standard input is not UTF-8 text (byte {quoted(data[e.start:e.start + 1])} at offset "
                        f"{e.start}); convert it, e.g. with iconv -t UTF-8") from None
+    # One trailing newline is echo's / an editor's, not the prompt's: without this `echo text | generate -`
+    # continues differently from `generate text`. (llama.cpp's -f keeps it; we strip exactly one.)
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 @app.command()
@@ -246,7 +249,8 @@ def read_stdin() -> str:
 @sampling_options()
 @model_options
 def generate(
-    prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input). BOS is prepended.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input, less one trailing newline: "
+                                             "echo's, so `echo text | ... -` equals `... text`). BOS is prepended.")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=0,
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
     prompt_cache: PromptCacheOpt = None,

@@ -73,6 +73,17 @@ def test_prompt_from_stdin(with_tokenizer):
     assert r.exit_code == 0 and "prompt: 3 tokens" in r.stderr
 
 
+def test_stdin_loses_one_trailing_newline_and_continues_as_the_argument_does(with_tokenizer):
+    args = ["generate", "-M", str(with_tokenizer), "-m", "4"]
+    as_argument = runner.invoke(app, [*args, "Hello there"])
+    piped = runner.invoke(app, [*args, "-"], input="Hello there\n")
+    assert piped.exit_code == 0 and as_argument.exit_code == 0, piped.stderr
+    assert piped.stdout == as_argument.stdout and "prompt: 3 tokens" in piped.stderr
+    two = runner.invoke(app, [*args, "-"], input="Hello there\n\n")  # only one is echo's
+    assert "prompt: 3 tokens" not in two.stderr
+    assert "trailing newline" in " ".join(runner.invoke(app, ["generate", "-h"]).stdout.split())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model", "no/such/dir/x"], "error: --model no/such/dir/x: expected an existing file or folder"),
     (["--model", "1.1b-instuct"], "did you mean 1_1B-Instruct?"),
