@@ -298,6 +298,10 @@ def generate(
     if context is not None:
         typer.echo(f"(prompt cache {prompt_cache}: {context.reused} of {len(ids)} prompt tokens reused, "
                    f"{len(context.ids)} tokens saved)", err=True)
+    if last is not None and last.finish_reason == "length" and last.generation_tokens < max_tokens:
+        window = model.config.max_context_length
+        typer.echo(f"(stopped at OpenELM's {window}-token context after {last.generation_tokens} of the "
+                   f"{max_tokens} tokens -m asked for)", err=True)
     if last is not None:
         typer.echo(stats_line(last), err=True)
     if interrupted:

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,19 @@ def test_tokenizer_flag_serves_a_folder_without_one(folder, llama_tokenizer):
                             "--repetition-penalty", "1.2"])
     assert r.exit_code == 0, r.stderr
     assert "generation: 3 tokens" in r.stderr
+
+
+def test_generate_says_once_when_the_context_cut_it_short(with_tokenizer, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(with_tokenizer, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_context_length": 12}))
+    r = runner.invoke(app, ["generate", "-M", str(small), "Once upon a time", "-m", "50", "--dtype", "fp32"])
+    assert r.exit_code == 0, r.stderr
+    assert "generation: 7 tokens" in r.stderr  # 5 prompt tokens + 7 = the 12-token context
+    assert r.stderr.count("context") == 1 and "stopped at OpenELM's 12-token context after 7 of the 50" in r.stderr
+    r = runner.invoke(app, ["generate", "-M", str(small), "Once upon a time", "-m", "3", "--dtype", "fp32"])
+    assert r.exit_code == 0 and "context" not in r.stderr
 
 
 def test_prompt_from_stdin(with_tokenizer):
