@@ -234,10 +234,13 @@ def read_stdin() -> str:
     """Standard input as text, strictly UTF-8."""
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ElmError(f"standard input is not UTF-8 text (byte {quoted(data[e.start:e.start + 1])} at offset "
                        f"{e.start}); convert it, e.g. with iconv -t UTF-8") from None
+    # One trailing newline is echo's / an editor's, not the prompt's: without this `echo text | generate -`
+    # continues differently from `generate text`. (llama.cpp's -f keeps it; we strip exactly one.)
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
 @app.command()
@@ -246,7 +249,8 @@ def read_stdin() -> str:
 @sampling_options()
 @model_options
 def generate(
-    prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input). BOS is prepended.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input, less one trailing newline: "
+                                             "echo's, so `echo text | ... -` equals `... text`). BOS is prepended.")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=0,
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
     prompt_cache: PromptCacheOpt = None,
@@ -294,6 +298,10 @@ def generate(
     if context is not None:
         typer.echo(f"(prompt cache {prompt_cache}: {context.reused} of {len(ids)} prompt tokens reused, "
                    f"{len(context.ids)} tokens saved)", err=True)
+    if last is not None and last.finish_reason == "length" and last.generation_tokens < max_tokens:
+        window = model.config.max_context_length
+        typer.echo(f"(stopped at OpenELM's {window}-token context after {last.generation_tokens} of the "
+                   f"{max_tokens} tokens -m asked for)", err=True)
     if last is not None:
         typer.echo(stats_line(last), err=True)
     if interrupted:

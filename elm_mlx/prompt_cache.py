@@ -52,7 +52,6 @@ def save(path, context: CachedContext, ident: dict, extra: dict | None = None):
             arrays[f"layers.{i}.keys"], arrays[f"layers.{i}.values"] = keys[..., :n, :], values[..., :n, :]
     metadata = {"format": FORMAT, **ident, "token_ids": json.dumps(context.ids[:n]),
                 "extra": json.dumps(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: mx.save_safetensors(f, arrays, metadata=metadata))
 
 
@@ -61,6 +60,11 @@ def load(path, context: CachedContext, ident: dict) -> dict:
     the file's extra data. Raises ElmError when the file is damaged or was made
     for another model, dtype or tokenizer."""
     path = Path(path)
+    if path.is_dir():
+        raise ElmError(f"--prompt-cache {path} is a folder: expected a file name (such as {path / 'cache.safetensors'})")
+    if not path.parent.is_dir():
+        raise ElmError(f"--prompt-cache {path}: the folder {path.parent} does not exist; create it first "
+                       "(a prompt cache is never given new folders)")
     if not path.exists():
         return {}
     try:

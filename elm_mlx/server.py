@@ -555,6 +555,7 @@ class Api:
             Route("/", lambda _: HTMLResponse(self.page)),
             Route("/health", self.health),
             Route("/v1/models", self.models),
+            Route("/v1/models/{model:path}", self.model),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ]
@@ -569,6 +570,14 @@ class Api:
     async def models(self, _):
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "elm-mlx"}]})
+
+    async def model(self, request: Request):
+        """GET /v1/models/{id}: openai's client.models.retrieve."""
+        wanted = request.path_params["model"]
+        if wanted != self.model_id:
+            raise ApiError(404, f"The model {wanted!r} does not exist: this server serves {self.model_id!r}.",
+                           param="model", code="model_not_found")
+        return JSONResponse({"id": self.model_id, "object": "model", "created": self.created, "owned_by": "elm-mlx"})
 
     async def chat_completions(self, request: Request):
         raw = await self.read_body(request)
@@ -803,9 +812,13 @@ class Guard:
         if self.api_key and scope["path"].startswith("/v1/"):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return await ApiError(401, "This server needs an API key: send 'Authorization: Bearer KEY' (the "
-                                      "--api-key it was started with).", code="invalid_api_key",
-                                      ).response()(scope, receive, send_with_cors)
+                if given:
+                    why = ("The API key sent is wrong: send 'Authorization: Bearer KEY' with the --api-key this "
+                           "server was started with.")
+                else:
+                    why = ("This server needs an API key: send 'Authorization: Bearer KEY' (the --api-key it was "
+                           "started with).")
+                return await ApiError(401, why, code="invalid_api_key").response()(scope, receive, send_with_cors)
         if method == "POST":
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype != "application/json":

@@ -237,6 +237,28 @@ def test_measure_flags_an_engine_whose_tokens_differ():
                                                   "backend": "CPU", "bandwidth_probe": "p"} for r in runs])
 
 
+def test_the_table_has_plain_numbers_no_nan_and_fits_100_columns():
+    base = {"model": "OpenELM-270M", "dtype": "fp32", "method": "paper", "prompt_tokens": 128, "gen_tokens": 64,
+            "load_s": 1.0, "mlx_version": "x", "backend": "CPU", "machine_bandwidth_gbps": 10.0,
+            "bandwidth_probe": "p", "bytes_per_token": 5e8, "prompt_tps": 4130.0, "generation_tps": 41.5,
+            "ms_per_token": 24.1, "total_tps": 55.0, "ttft_s": 0.031, "peak_memory_gb": 1.2,
+            "bandwidth_gbps": 20.0, "bandwidth_pct": 80.0}
+    runs = []
+    for i, (engine, spread) in enumerate([("elm-mlx", 110.0), ("mlx-lm", 87.0), ("elm-mlx+draft", 50.0)]):
+        for repeat, sign in enumerate((-1, 1)):
+            r = {**base, "engine": engine, "repeat": repeat, "prompt_tps": 1000.0 * (i + 3) + sign * spread,
+                 "host_ms_per_token": 0.4 + 0.01 * sign}
+            if engine == "elm-mlx+draft":
+                del r["host_ms_per_token"]  # not measured for a speculative engine
+                r.update(acceptance_rate=0.5, tokens_per_forward=1.8)
+            runs.append(r)
+    text = b.table(runs)
+    assert "e+" not in text and "e-" not in text and "nan" not in text.lower(), text
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    assert "3000 ± 156" in text and "4000 ± 123" in text and "0.400 ± 0.014" in text  # sample std, to the mean's decimals
+    assert "ratio" in text and "0.750x" in text
+
+
 # ---------------------------------------------------------------- the command
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -68,9 +69,33 @@ def test_tokenizer_flag_serves_a_folder_without_one(folder, llama_tokenizer):
     assert "generation: 3 tokens" in r.stderr
 
 
+def test_generate_says_once_when_the_context_cut_it_short(with_tokenizer, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(with_tokenizer, small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "max_context_length": 12}))
+    r = runner.invoke(app, ["generate", "-M", str(small), "Once upon a time", "-m", "50", "--dtype", "fp32"])
+    assert r.exit_code == 0, r.stderr
+    assert "generation: 7 tokens" in r.stderr  # 5 prompt tokens + 7 = the 12-token context
+    assert r.stderr.count("context") == 1 and "stopped at OpenELM's 12-token context after 7 of the 50" in r.stderr
+    r = runner.invoke(app, ["generate", "-M", str(small), "Once upon a time", "-m", "3", "--dtype", "fp32"])
+    assert r.exit_code == 0 and "context" not in r.stderr
+
+
 def test_prompt_from_stdin(with_tokenizer):
     r = runner.invoke(app, ["generate", "-M", str(with_tokenizer), "-", "-m", "2"], input="Hello there")
     assert r.exit_code == 0 and "prompt: 3 tokens" in r.stderr
+
+
+def test_stdin_loses_one_trailing_newline_and_continues_as_the_argument_does(with_tokenizer):
+    args = ["generate", "-M", str(with_tokenizer), "-m", "4"]
+    as_argument = runner.invoke(app, [*args, "Hello there"])
+    piped = runner.invoke(app, [*args, "-"], input="Hello there\n")
+    assert piped.exit_code == 0 and as_argument.exit_code == 0, piped.stderr
+    assert piped.stdout == as_argument.stdout and "prompt: 3 tokens" in piped.stderr
+    two = runner.invoke(app, [*args, "-"], input="Hello there\n\n")  # only one is echo's
+    assert "prompt: 3 tokens" not in two.stderr
+    assert "trailing newline" in " ".join(runner.invoke(app, ["generate", "-h"]).stdout.split())
 
 
 @pytest.mark.parametrize("args,message", [

@@ -82,6 +82,16 @@ def test_a_damaged_file_is_a_clear_error(folder, tmp_path, damage):
     assert r.stderr.startswith(f"error: --prompt-cache {cache}") and "Traceback" not in r.stderr
 
 
+def test_a_cache_in_a_missing_folder_is_refused_and_no_folder_is_made(folder, tmp_path):
+    cache = tmp_path / "no" / "such" / "x.safetensors"
+    r = run(folder, PROMPT, "--prompt-cache", str(cache))
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: --prompt-cache {cache}: the folder {cache.parent} does not exist")
+    assert not (tmp_path / "no").exists()
+    r = run(folder, PROMPT, "--prompt-cache", str(tmp_path))
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: --prompt-cache {tmp_path} is a folder"), r.stderr
+
+
 def test_a_restarted_chat_resumes_from_its_file(folder, tmp_path):
     cache = tmp_path / "chat.safetensors"
     model, tok = load(folder, dtype="fp32")

@@ -81,6 +81,23 @@ def test_models_and_health(client, url):
     assert h["max_batch"] == 8 and {"requests", "finished", "cancelled", "generated_tokens", "tasks"} <= set(h)
 
 
+def test_a_model_is_retrieved_by_id_and_an_unknown_id_is_an_openai_404(client, url):
+    m = client.models.retrieve(MODEL)
+    assert (m.id, m.object, m.owned_by) == (MODEL, "model", "elm-mlx")
+    status, reply = request(url, "GET", "/v1/models/no-such-model")
+    assert status == 404 and reply["error"]["code"] == "model_not_found" and reply["error"]["param"] == "model"
+    assert "no-such-model" in reply["error"]["message"] and MODEL in reply["error"]["message"]
+
+
+@pytest.mark.xfail(strict=True, reason="batch.py (not this branch's file): a prompt over prefill_chunk (512) "
+                   "tokens is a 500, '[gather] Got indices with invalid dtype'; 511 tokens pass, 521 fail")
+def test_max_tokens_clamped_by_the_context_finishes_with_length(client):
+    ids = [1] + [500 + i % 300 for i in range(2040)]  # 2041 tokens: 7 left of the 2048-token context
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=100, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == 2041 and 0 < r.usage.completion_tokens <= 7
+
+
 def test_chat_completion_is_local_generation_with_the_template(client, local):
     r = client.chat.completions.create(model=MODEL, messages=messages("Hello there"), temperature=0, max_tokens=10)
     ids = chat_ids(local[1], APPLE, messages("Hello there"))

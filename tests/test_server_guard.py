@@ -88,6 +88,8 @@ def test_the_api_key_is_required_on_the_api_only(url):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         status, reply = request(url, "POST", CHAT, GOOD, headers=headers)
         assert status == 401 and reply["error"]["code"] == "invalid_api_key"
+        said = reply["error"]["message"]
+        assert ("key sent is wrong" in said) == bool(headers) and ("needs an API key" in said) == (not headers)
     assert request(url, "GET", "/v1/models")[0] == 401
     assert request(url, "GET", "/v1/models", headers=AUTH)[0] == 200
     assert request(url, "GET", "/health")[0] == 200 and request(url, "GET", "/")[0] == 200

@@ -3,6 +3,7 @@ readings (prompt start, first token, last token) and every reported number is
 a ratio of a token or byte count to one of their windows."""
 
 import math
+import textwrap
 import statistics
 from dataclasses import dataclass
 
@@ -85,6 +86,28 @@ COLUMNS = [("prompt_tps", "prompt tok/s"), ("generation_tps", "gen tok/s"), ("ms
            ("ttft_s", "TTFT s"), ("peak_memory_gb", "peak GB"), ("bandwidth_gbps", "GB/s"), ("bandwidth_pct", "% bw")]
 
 
+WIDTH, NAME, CELL = 100, 16, 16  # the table's widths: 16 + 5 x 16 = 96 columns
+
+
+def plain(x: float, digits: int = 3) -> str:
+    """`x` with about `digits` significant digits, never in exponent form: 4127, 12.3, 0.0451."""
+    if x == 0 or not math.isfinite(x):
+        return "0" if x == 0 else "-"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
+def cell(mean: float, std: float) -> str:
+    """A table cell: the mean, and ± the standard deviation to the same decimals; "-" when not measured."""
+    if math.isnan(mean):
+        return "-"
+    text = plain(mean)
+    if not std:
+        return text
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return f"{text} ± {std:.{decimals}f}"
+
+
 def summarize(runs: list) -> dict:
     """{engine: {metric: (mean, std)}} in the engines' order."""
     out = {}
@@ -105,17 +128,20 @@ def table(runs: list) -> str:
         f"MLX {r0['mlx_version']}, {r0['backend']} backend" + (f", BLAS {r0['blas']}" if r0.get("blas") else "")
         + f" | memory bandwidth {r0['machine_bandwidth_gbps']:.1f} GB/s ({r0['bandwidth_probe']})"
         + f" | {r0['bytes_per_token'] / 1e9:.3f} GB read per generated token",
-        f"{'engine':<16}" + "".join(f"{h:>20}" for _, h in COLUMNS),
     ]
     stats = summarize(runs)
-    for engine, cols in stats.items():
-        cells = [f"{m:.3g} ± {s:.2g}" if s else f"{m:.4g}" for m, s in cols.values()]
-        lines.append(f"{engine:<16}" + "".join(f"{c:>20}" for c in cells))
-    if "mlx-lm" in stats and len(stats) > 1:
-        ours = next(e for e in stats if e != "mlx-lm")
-        ratios = [stats[ours][k][0] / stats["mlx-lm"][k][0] if stats["mlx-lm"][k][0] else float("nan")
-                  for k, _ in COLUMNS]
-        lines.append(f"{'ratio':<16}" + "".join(f"{r:>19.3f}x" for r in ratios))
+    ours = next((e for e in stats if e != "mlx-lm"), None) if "mlx-lm" in stats and len(stats) > 1 else None
+    ratios = {k: (stats[ours][k][0] / stats["mlx-lm"][k][0] if stats["mlx-lm"][k][0] else float("nan"))
+              for k, _ in COLUMNS} if ours else {}
+    # Two blocks of columns, each engine a row in both: the table fits 100 columns.
+    for block in (COLUMNS[:5], COLUMNS[5:]):
+        lines.append(f"{'engine':<{NAME}}" + "".join(f"{h:>{CELL}}" for _, h in block))
+        for engine, cols in stats.items():
+            lines.append(f"{engine[:NAME - 1]:<{NAME}}" + "".join(f"{cell(*cols[k]):>{CELL}}" for k, _ in block))
+        if ours:
+            lines.append(f"{'ratio':<{NAME}}" + "".join(
+                f"{'-' if math.isnan(ratios[k]) else f'{ratios[k]:.3f}x':>{CELL}}" for k, _ in block))
+    if ours:
         lines.append(f"(ratio = {ours} / mlx-lm, means: > 1 is faster for tok/s and GB/s, < 1 is better for "
                      "ms, TTFT and memory)")
         lines.append("(host ms/token: building one decode step's graph in Python and MLX, before it runs)")
@@ -124,7 +150,8 @@ def table(runs: list) -> str:
         lines.append(f"output: {'the same' if same else 'DIFFERENT'} {r0['gen_tokens']} token ids in every run of "
                      "every engine")
     lines += speculative_lines(runs, stats)
-    return "\n".join(lines)
+    return "\n".join(textwrap.fill(line, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
+                     if len(line) > WIDTH else line for line in lines)
 
 
 def speculative_lines(runs: list, stats: dict) -> list:
@@ -136,8 +163,11 @@ def speculative_lines(runs: list, stats: dict) -> list:
             continue
         accept = mean_std([r["acceptance_rate"] for r in spec])[0]
         per_forward = mean_std([r["tokens_per_forward"] for r in spec])[0]
-        speedup = stats[engine]["generation_tps"][0] / stats[plain]["generation_tps"][0]
-        total = stats[engine]["total_tps"][0] / stats[plain]["total_tps"][0]
+        def times(k):
+            base = stats[plain][k][0]
+            return f"{stats[engine][k][0] / base:.2f}x" if base and not math.isnan(base) else "(not measured)"
+
         lines.append(f"{engine}: {100 * accept:.0f}% of guesses accepted, {per_forward:.2f} tokens per forward of "
-                     f"the model; speed-up over plain decoding ({plain}) {speedup:.2f}x generation, {total:.2f}x total")
+                     f"the model; speed-up over plain decoding ({plain}) {times('generation_tps')} generation, "
+                     f"{times('total_tps')} total")
     return lines
