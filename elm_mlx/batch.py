@@ -260,7 +260,8 @@ def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wan
     (decode) segments first. The new tokens are packed along one axis, so the weights are read
     once for all of them; attention runs per sequence over its own positions, with the calls
     the single-sequence path makes (RoPE at the sequence's offset; a causal mask for more than
-    one token). Returns logits[k, vocab] at the last position of each wanted segment."""
+    one token). Returns logits[k, vocab] at the last position of each wanted segment (None when
+    none is wanted)."""
     t = model.transformer
     h = t.token_embeddings(mx.array([i for _, ids in segments for i in ids])[None])
     bounds = list(itertools.accumulate([len(ids) for _, ids in segments], initial=0))
@@ -273,8 +274,11 @@ def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wan
         h = h + layer.ffn(layer.ffn_norm(h))
     for row, (_, ids) in zip(rows, segments):
         cache.lengths[row] += len(ids)
+    picks = [end - 1 for end, w in zip(bounds[1:], wanted) if w]
+    if not picks:  # only a prompt chunk that is not its prompt's last: no logits are wanted
+        return None
     h = t.norm(h)
-    h = h[:, [end - 1 for end, w in zip(bounds[1:], wanted) if w], :]
+    h = h[:, mx.array(picks, mx.int32), :]
     logits = model.lm_head(h) if "lm_head" in model else t.token_embeddings.as_linear(h)
     return logits[0]
 

@@ -50,6 +50,15 @@ def run(engine, joins=None, cancel=None):
         engine.step()
 
 
+def test_a_prompt_longer_than_a_prefill_chunk_is_read_in_chunks_alone(tied):
+    # A step whose only segment is a prompt's non-final chunk wants no logits (it once failed: the
+    # head was indexed with an empty list, a float array).
+    rng = np.random.default_rng(5)
+    p = [1] + rng.integers(3, 512, 50).tolist()
+    seq = run(BatchEngine(tied, prefill_chunk=16), {0: [(p, 6, {})]})[0]
+    assert seq.tokens == alone(tied, p, 6) and seq.finish == "length"
+
+
 def test_eight_concurrent_greedy_sequences_equal_their_single_runs(model):
     ps = prompts(8, seed=1)
     engine = BatchEngine(model, max_batch=8)
