@@ -133,3 +133,58 @@ def test_schema_compiled_once(tok):
     before = constrain._compiled.cache_info().hits
     Constraint(tok, json_schema=dict(reversed(list(schema.items()))))  # same schema, other key order
     assert constrain._compiled.cache_info().hits == before + 1
+
+
+# ---- CLI and API ----------------------------------------------------------------------------
+
+CLI_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
+              "required": ["name", "n", "ok"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory, llama_tokenizer):
+    import shutil
+
+    from checkpoints import make_hf_checkpoint
+    from engine import TINY_32K
+
+    path = tmp_path_factory.mktemp("tiny32k_structured")
+    make_hf_checkpoint(path, TINY_32K, seed=5)
+    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
+    return path
+
+
+def test_cli_generate_json_schema_prints_a_valid_instance(with_tokenizer, tmp_path):
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    schema_file = tmp_path / "s.json"
+    schema_file.write_text(json.dumps(CLI_SCHEMA))
+    for arg in (str(schema_file), json.dumps(CLI_SCHEMA)):
+        r = CliRunner().invoke(app, ["generate", "-M", str(with_tokenizer), "Data:", "-m", "200", "--temp", "1",
+                                     "--seed", "1", "--json-schema", arg])
+        assert r.exit_code == 0, r.stderr
+        jsonschema.validate(json.loads(r.stdout), CLI_SCHEMA)
+
+
+def test_cli_unsupported_feature_is_one_error_line_exit_2(with_tokenizer):
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "-M", str(with_tokenizer), "x", "--json-schema",
+                                 '{"type": "string", "format": "no-such-format"}'])
+    assert r.exit_code == 2 and "json_schema" in r.stderr and "format" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_api_keywords_build_the_constraint(tiny32k_model, tok):
+    from elm_mlx.generate import generate
+
+    text = generate(tiny32k_model, tok, "Data:", 200, json_schema=CLI_SCHEMA, temp=1.0, seed=2)
+    jsonschema.validate(json.loads(text), CLI_SCHEMA)
+    text = generate(tiny32k_model, tok, "Data:", 50, regex=r"(yes|no)", temp=1.0, seed=2)
+    assert text in ("yes", "no")
