@@ -188,3 +188,78 @@ def test_api_keywords_build_the_constraint(tiny32k_model, tok):
     jsonschema.validate(json.loads(text), CLI_SCHEMA)
     text = generate(tiny32k_model, tok, "Data:", 50, regex=r"(yes|no)", temp=1.0, seed=2)
     assert text in ("yes", "no")
+
+
+# ---- server -----------------------------------------------------------------------------------
+
+STRICT = {"type": "object",
+          "properties": {"name": {"type": "string", "minLength": 2, "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "color": {"enum": ["red", "green", "blue"]},
+                         "flags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 4}},
+          "required": ["name", "age", "color", "flags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def server_url(with_tokenizer, tmp_path_factory):
+    from serving import running_server
+
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with running_server(with_tokenizer, log, "--dtype", "fp32", "--max-tokens", "300") as url:
+        yield url, log
+
+
+def test_server_burst_of_strict_schemas_beside_an_unconstrained_request(server_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving import request
+
+    url, log = server_url
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": STRICT, "strict": True}}
+    free = {"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0}
+    bodies = [{"prompt": f"Person {i}:", "temperature": 1.0, "seed": i, "response_format": fmt} for i in range(8)]
+    with ThreadPoolExecutor(9) as pool:
+        results = list(pool.map(lambda b: request(url, "POST", "/v1/completions", b), bodies + [free]))
+    for status, body in results[:8]:
+        assert status == 200, body
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["text"]), STRICT)
+        assert body["usage"]["mask_ms_per_token"] > 0
+    status, alone = request(url, "POST", "/v1/completions", free)
+    assert status == 200 and results[8][1]["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert "structured output mask" in log.read_text()
+
+
+def test_server_chat_json_object_streamed_gives_an_object(server_url):
+    from serving import request
+
+    url, _ = server_url
+    body = {"messages": [{"role": "user", "content": "Give me JSON"}], "temperature": 1.0, "seed": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": STRICT}},
+            "stream": False}
+    status, r = request(url, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), STRICT)
+    # json_object, streamed, on completions
+    status, text = request(url, "POST", "/v1/completions", {"prompt": "x", "temperature": 1.0, "seed": 1,
+                                                             "stream": True, "response_format": {"type": "json_object"}})
+    assert status == 200
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    out = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    if finish == "stop":
+        assert isinstance(json.loads(out), dict)
+    else:
+        assert out.lstrip().startswith("{")
+
+
+def test_server_unsupported_schema_feature_is_a_400_naming_it(server_url):
+    from serving import request
+
+    url, _ = server_url
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "format": "no-such"}}}
+    status, r = request(url, "POST", "/v1/completions", {"prompt": "x", "response_format": fmt})
+    assert status == 400 and "format" in r["error"]["message"] and r["error"]["param"] == "response_format"
+    status, r = request(url, "POST", "/v1/completions", {"prompt": "x", "response_format": {"type": "yaml"}})
+    assert status == 400 and r["error"]["param"] == "response_format"
