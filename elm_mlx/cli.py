@@ -243,6 +243,20 @@ def read_stdin() -> str:
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
+def structured_kwargs(json_schema: str | None, grammar: Path | None, regex: str | None) -> dict:
+    """stream_generate's json_schema= / grammar= / regex= from the CLI flags (at most one)."""
+    from .files import read_text
+
+    given = {k: v for k, v in (("json_schema", json_schema), ("grammar", grammar), ("regex", regex)) if v is not None}
+    if len(given) > 1:
+        raise ElmError("--json-schema, --grammar, --regex: expected at most one of them")
+    if json_schema is not None and not json_schema.lstrip().startswith("{"):
+        given["json_schema"] = read_text(Path(json_schema), "--json-schema")
+    if grammar is not None:
+        given["grammar"] = read_text(grammar, "--grammar")
+    return given
+
+
 @app.command()
 @user_errors
 @speculation_options
@@ -255,6 +269,10 @@ def generate(
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
     prompt_cache: PromptCacheOpt = None,
     no_compile: NoCompileOpt = False,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Structured output: the text is "
+                           "an instance of this JSON Schema (a file, or the JSON itself).")] = None,
+    grammar: Annotated[Optional[Path], typer.Option("--grammar", help="Structured output: a Lark grammar file.")] = None,
+    regex: Annotated[Optional[str], typer.Option("--regex", help="Structured output: the text matches this regex.")] = None,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
@@ -266,6 +284,11 @@ def generate(
         prompt = read_stdin()
     model, tok = choice.load()
     spec = speculation.generate_kwargs(model, tok, choice.dtype, choice.tokenizer)
+    structured = structured_kwargs(json_schema, grammar, regex)
+    if structured and (prompt_cache is not None or spec.get("prompt_lookup") or spec.get("draft_model")):
+        raise ElmError("--json-schema / --grammar / --regex: not supported with --prompt-cache, "
+                       "--prompt-lookup or --draft-model yet")
+    spec.update(structured)
     if tok.chat_template is not None:
         typer.echo(f"(chat template {tok.chat_template.origin}; --no-chat-template sends the prompt as it is)",
                    err=True)

@@ -112,7 +112,7 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(),
                     sampling: SamplingParams | None = None, compile: bool = True, prompt_lookup: int = 0,
                     ngram: int = DEFAULT_NGRAM, draft_model=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-                    constraint=None, **sampling_args):
+                    constraint=None, json_schema=None, grammar=None, regex=None, **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
@@ -130,8 +130,16 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     forward. The cache may then end one token short of the text (CachedContext
     handles that).
 
-    `constraint`: structured output's per-token mask (see sample.py)."""
+    `constraint`: structured output's per-token mask (see sample.py); or build one with
+    `json_schema=` (a dict or JSON text), `grammar=` (Lark) or `regex=` (elm_mlx/constrain.py)."""
     sampling = sampling or SamplingParams(**sampling_args)
+    if json_schema is not None or grammar is not None or regex is not None:
+        if constraint is not None:
+            raise ElmError("give constraint= or one of json_schema= / grammar= / regex=, not both")
+        from .constrain import Constraint
+
+        constraint = Constraint(tokenizer, json_schema=json_schema, grammar=grammar, regex=regex,
+                                vocab_size=model.config.vocab_size)
     if constraint is not None and (prompt_lookup or draft_model is not None):
         raise ElmError("structured output and speculative decoding together are not supported yet: "
                        "drop --prompt-lookup / --draft-model")

@@ -172,8 +172,44 @@ KNOWN = {
              "web_search_options", "prompt_lookup", "num_draft_tokens"},
     "text": {"prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
              "frequency_penalty", "presence_penalty", "stop", "stream", "n", "logprobs", "echo", "best_of",
-             "suffix", "logit_bias", "prompt_lookup", "num_draft_tokens"},
+             "suffix", "logit_bias", "prompt_lookup", "num_draft_tokens", "response_format"},
 }
+
+
+def read_constraint(body: dict, tokenizer):
+    """response_format as a Constraint (elm_mlx/constrain.py), or None for text. OpenAI's
+    {"type": "json_object"} and {"type": "json_schema", "json_schema": {"name", "schema", "strict"}};
+    extensions {"type": "grammar", "grammar": LARK} and {"type": "regex", "regex": RE}. A schema
+    feature llguidance cannot enforce is a 400 naming it, never relaxed."""
+    fmt = body.get("response_format")
+    if fmt is None or fmt == {"type": "text"}:
+        return None
+
+    def bad(what):
+        raise ApiError(400, f"Invalid value for 'response_format': {what}.", "response_format", "invalid_value")
+
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema", "grammar", "regex"):
+        bad('expected {"type": "text" | "json_object" | "json_schema" | "grammar" | "regex", ...}')
+    kind = fmt["type"]
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            bad('expected "json_schema": {"name": ..., "schema": {a JSON Schema object}, "strict": true}')
+        args = dict(json_schema=spec["schema"])
+    elif kind == "json_object":
+        args = dict(json_object=True)
+    elif kind == "text":
+        return None
+    else:
+        if not isinstance(fmt.get(kind), str):
+            bad(f'expected "{kind}": a string')
+        args = {kind: fmt[kind]}
+    from .constrain import Constraint
+
+    try:
+        return Constraint(tokenizer, **args)
+    except ElmError as e:
+        raise ApiError(400, f"'response_format' cannot be enforced: {e}", "response_format", "invalid_value") from None
 
 
 def refuse_unsupported(body: dict, kind: str):
@@ -192,9 +228,6 @@ def refuse_unsupported(body: dict, kind: str):
                  "web_search_options", "suffix"):
         if body.get(name) not in (None, "none", False, ""):
             no(name, "leave it out")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        no("response_format", 'only {"type": "text"} (structured output is not enforced)')
     if body.get("logit_bias"):
         no("logit_bias", "leave it out")
     if body.get("modalities") not in (None, ["text"]):
@@ -288,6 +321,7 @@ class Job:
     chat: bool = True  # a chat reply drops the first piece's SentencePiece space; a completion keeps it
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
     speculation: dict = field(default_factory=dict)  # from read_speculation: run alone, not in the batch
+    constraint: object = None  # structured output (elm_mlx/constrain.py): masks each token in the batch
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.perf_counter)
@@ -407,8 +441,10 @@ class Worker:
                 self._speculate(job)
                 continue
             try:
+                if job.constraint is not None:
+                    job.constraint.vocab_size = self.model.config.vocab_size
                 job.seq = self.engine.add(job.ids, job.max_tokens, eos_id=self.tokenizer.eos_id,
-                                          logprobs=job.logprobs, **asdict(job.sampling))
+                                          logprobs=job.logprobs, constraint=job.constraint, **asdict(job.sampling))
             except ElmError as e:
                 job.emit("error", str(e))
                 continue
@@ -474,8 +510,13 @@ class Worker:
     def _done(self, job: Job):
         seq, now = job.seq, time.perf_counter()
         n, finish = len(seq.tokens), seq.finish
+        done = dict(finish_reason=finish, prompt_tokens=len(job.ids), completion_tokens=n)
+        if job.constraint is not None:
+            done["mask_ms_per_token"] = round(job.constraint.mask_ms_per_token, 4)
+            log.info("%s: structured output mask %.3f ms/token over %d tokens", job.name,
+                     job.constraint.mask_ms_per_token, job.constraint.masks)
         if finish != "cancelled":
-            job.emit("done", dict(finish_reason=finish, prompt_tokens=len(job.ids), completion_tokens=n))
+            job.emit("done", done)
         first = job.first_at or now
         rate = (n - 1) / (now - first) if n > 1 and now > first else 0.0
         log.info("%s: %d prompt tokens (%d from the cache), %d generated, %.1f tok/s, first token after %.2f s, "
@@ -496,7 +537,7 @@ def sse(obj) -> str:
 def usage(done: dict) -> dict:
     """OpenAI's usage object; speculative decoding adds acceptance_rate and tokens_per_forward."""
     p, c = done["prompt_tokens"], done["completion_tokens"]
-    extra = {k: done[k] for k in ("acceptance_rate", "tokens_per_forward") if k in done}
+    extra = {k: done[k] for k in ("acceptance_rate", "tokens_per_forward", "mask_ms_per_token") if k in done}
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, **extra}
 
 
@@ -652,6 +693,15 @@ class Api:
         if speculation and logprobs is not None:
             raise ApiError(400, "'logprobs' with speculative decoding is not supported: leave out one of them "
                            "(prompt_lookup: 0 turns speculation off).", "logprobs", "invalid_value")
+        constraint = read_constraint(body, self.tokenizer)
+        if constraint is not None and speculation:
+            # Drafts are not verified against the mask: a constrained request never speculates. Asked
+            # for explicitly, that is a 400; a server default (--prompt-lookup / --draft-model) is turned off.
+            if body.get("prompt_lookup") or body.get("num_draft_tokens"):
+                raise ApiError(400, "'prompt_lookup' / 'num_draft_tokens' with 'response_format' is not supported: "
+                               "structured output never speculates (leave them out).", "response_format",
+                               "invalid_value")
+            speculation = {}
         stream = get(body, "stream", "boolean", False)
         options = get(body, "stream_options", "object", {})
         include_usage = get(options, "include_usage", "boolean", False)
@@ -665,7 +715,7 @@ class Api:
             raise ApiError(503, "the server is shutting down", kind="server_error")
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         job = Job(f"{OBJECTS[kind, False]} {rid}", ids, max_tokens, sampling, stop, asyncio.get_running_loop(),
-                  chat=kind == "chat", logprobs=logprobs, speculation=speculation)
+                  chat=kind == "chat", logprobs=logprobs, speculation=speculation, constraint=constraint)
         self.worker.jobs.put(job)
         head = {"id": rid, "object": OBJECTS[kind, stream], "created": int(time.time()), "model": self.model_id}
         offset = len(body["prompt"]) if kind == "text" and isinstance(body.get("prompt"), str) else 0

@@ -305,7 +305,7 @@ BAD = [  # path, body, status, param, code
     # what this server does not do is refused by name, never silently ignored
     (CHAT, GOOD | {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "unsupported_parameter"),
     (CHAT, GOOD | {"tool_choice": "auto"}, 400, "tool_choice", "unsupported_parameter"),
-    (CHAT, GOOD | {"response_format": {"type": "json_object"}}, 400, "response_format", "unsupported_parameter"),
+    (CHAT, GOOD | {"response_format": {"type": "yaml"}}, 400, "response_format", "invalid_value"),
     (CHAT, GOOD | {"logit_bias": {"50": 10}}, 400, "logit_bias", "unsupported_parameter"),
     (CHAT, GOOD | {"temprature": 0.5}, 400, "temprature", "unknown_parameter"),
     (CHAT, GOOD | {"logprobs": True, "top_logprobs": 11}, 400, "top_logprobs", "invalid_value"),
