@@ -243,6 +243,12 @@ def read_stdin() -> str:
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
+JsonSchemaOpt = Annotated[Optional[str], typer.Option("--json-schema", help="Structured output: the text is "
+                          "an instance of this JSON Schema (a file, or the JSON itself).")]
+GrammarOpt = Annotated[Optional[Path], typer.Option("--grammar", help="Structured output: a Lark grammar file.")]
+RegexOpt = Annotated[Optional[str], typer.Option("--regex", help="Structured output: the text matches this regex.")]
+
+
 def structured_kwargs(json_schema: str | None, grammar: Path | None, regex: str | None) -> dict:
     """stream_generate's json_schema= / grammar= / regex= from the CLI flags (at most one)."""
     from .files import read_text
@@ -269,10 +275,9 @@ def generate(
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
     prompt_cache: PromptCacheOpt = None,
     no_compile: NoCompileOpt = False,
-    json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Structured output: the text is "
-                           "an instance of this JSON Schema (a file, or the JSON itself).")] = None,
-    grammar: Annotated[Optional[Path], typer.Option("--grammar", help="Structured output: a Lark grammar file.")] = None,
-    regex: Annotated[Optional[str], typer.Option("--regex", help="Structured output: the text matches this regex.")] = None,
+    json_schema: JsonSchemaOpt = None,
+    grammar: GrammarOpt = None,
+    regex: RegexOpt = None,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
@@ -388,6 +393,8 @@ def chat(
                                             help="Most tokens per reply; stops earlier at EOS.")] = 512,
     prompt_cache: PromptCacheOpt = None,
     no_compile: NoCompileOpt = False,
+    json_schema: Annotated[Optional[str], typer.Option("--json-schema", help="Structured output: every reply is "
+                           "an instance of this JSON Schema (a file, or the JSON itself).")] = None,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Talk with a model in the terminal: streamed replies, history kept within the
@@ -398,6 +405,10 @@ def chat(
 
     model, tok = choice.load()
     spec = speculation.generate_kwargs(model, tok, choice.dtype, choice.tokenizer)
+    structured = structured_kwargs(json_schema, None, None)
+    if structured and (spec.get("prompt_lookup") or spec.get("draft_model")):
+        raise ElmError("--json-schema: not supported with --prompt-lookup or --draft-model yet")
+    spec.update(structured)
     template = tok.chat_template
     how = f"chat template {template.origin}" if template else "no chat template: your text is continued as typed"
     chat_ = Chat(model, tok, template, system, max_tokens, sampling, compile=not no_compile, speculation=spec)

@@ -253,3 +253,17 @@ def test_chat_and_serve_commands_check_their_flags(folder):
         ]:
             r = runner.invoke(app, [args[0], "-M", str(folder), *args[1:]])
             assert r.exit_code == 2 and message in r.stderr and "Traceback" not in r.stderr + r.stdout
+
+
+def test_chat_json_schema_makes_every_reply_an_instance(folder, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+              "maximum": 9}}, "required": ["ok", "n"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    child = spawn(folder, "-m", "60", "--temp", "0", "--json-schema", str(tmp_path / "s.json"))
+    for line in ["Hello there", "Again please"]:
+        reply = command(child, line).split(line, 1)[1].strip()
+        jsonschema.validate(json.loads(reply), schema)  # random weights: only the constraint makes it JSON
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
