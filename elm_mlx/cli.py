@@ -586,13 +586,40 @@ def models():
     typer.echo(models_table())
 
 
+def debug_first(args: list[str]) -> list[str]:
+    """--debug is the top-level option, but users add it anywhere: moved to the front (not past a `--`)."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug"] + [a for i, a in enumerate(args) if not (i < end and a == "--debug")]
+
+
 def main():
     from . import blas
+
+    try:  # typer >= 0.2x parses with its own copy of click
+        from typer._click import exceptions as click
+    except ImportError:
+        from click import exceptions as click
 
     blas.bind()  # done by the package import already; the entry point states it
     code = 0
     try:
-        app()
+        returned = app(args=debug_first(sys.argv[1:]), prog_name="elm-mlx", standalone_mode=False)
+        code = returned if isinstance(returned, int) else 0
+    except click.NoArgsIsHelpError as e:  # plain `elm-mlx`: the help
+        e.show()
+        code = e.exit_code
+    except click.UsageError as e:  # README's one line, as for every other mistake
+        see = f" (see: {e.ctx.command_path} -h)" if e.ctx is not None else ""
+        sys.stderr.write(f"error: {e.format_message()}{see}\n")
+        code = 2
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.Abort:
+        sys.stderr.write("\ninterrupted\n")
+        code = EXIT_INTERRUPTED
     except SystemExit as e:
         code = e.code
     except KeyboardInterrupt:  # outside a command (while typer parses)

@@ -158,3 +158,25 @@ def test_help_at_80_columns_shows_every_flag_whole(command):
         if isinstance(param, click.Option):
             for flag in param.opts:
                 assert flag in r.stdout, flag
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--bogus", "x"], "No such option: --bogus"),
+    (["generate"], "Missing argument 'prompt'"),
+    (["bogus"], "No such command 'bogus'"),
+    (["generate", "-m", "-3", "hi"], "Invalid value for '--max-tokens'"),
+])
+def test_usage_errors_are_one_error_line_exit_2(args, needle):
+    from hostile import ELM_MLX, quiet_env
+
+    r = subprocess.run([ELM_MLX, *args], capture_output=True, text=True, env=quiet_env(), timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_debug_works_after_the_subcommand_too(tmp_path):
+    from hostile import ELM_MLX, quiet_env
+
+    r = subprocess.run([ELM_MLX, "generate", "--model", str(tmp_path / "none"), "hi", "--debug"], capture_output=True,
+                       text=True, env=quiet_env(), timeout=120)
+    assert r.returncode == 2 and "Traceback" in r.stderr and r.stderr.strip().endswith("there is none at that path")
