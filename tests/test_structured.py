@@ -144,16 +144,10 @@ CLI_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLe
 
 
 @pytest.fixture(scope="module")
-def with_tokenizer(tmp_path_factory, llama_tokenizer):
-    import shutil
+def with_tokenizer(tmp_path_factory):
+    from conftest import tiny_model_folder
 
-    from checkpoints import make_hf_checkpoint
-    from engine import TINY_32K
-
-    path = tmp_path_factory.mktemp("tiny32k_structured")
-    make_hf_checkpoint(path, TINY_32K, seed=5)
-    shutil.copyfile(llama_tokenizer, path / "tokenizer.model")
-    return path
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny32k_structured"))
 
 
 def test_cli_generate_json_schema_prints_a_valid_instance(with_tokenizer, tmp_path):
