@@ -313,9 +313,9 @@ def train(model, train_data, valid_data, cfg: TrainConfig, adapter_path: Path, r
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iters, initial=start, unit="it", desc="train", file=sys.stderr, dynamic_ncols=True)
-        bar.write(f"trainable parameters: {n_params / 1e6:.3f}M ({cfg.fine_tune_type}, rank {cfg.rank}, "
+        bar.write(file=sys.stderr, s=f"trainable parameters: {n_params / 1e6:.3f}M ({cfg.fine_tune_type}, rank {cfg.rank}, "
                   f"{size} process{'es' if size > 1 else ''})")
-    say = bar.write if bar is not None else (log if main else (lambda s: None))
+    say = (lambda s: bar.write(s, file=sys.stderr)) if bar is not None else (log if main else (lambda s: None))
     tokens_seen, t0, losses = 0.0, time.perf_counter(), []
     step = start
     try:

@@ -263,3 +263,113 @@ def test_mismatched_adapter_is_refused(tmp_path, tok):
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ElmError, match="adapter_config.json is missing"):
         lora.load_adapters(fresh_model(), tmp_path)
+
+
+# ---------------------------------------------------------------- CLI
+from typer.testing import CliRunner  # noqa: E402
+
+from elm_mlx import generate, load  # noqa: E402
+from elm_mlx.cli import app  # noqa: E402
+
+runner = CliRunner()
+CHAT_ROWS = [{"messages": [{"role": "user", "content": f"What is fact {i}?"},
+                           {"role": "assistant", "content": FACTS[i]}]} for i in range(4)]
+
+
+def test_cli_lora_fuse_and_adapter_path(tmp_path, instruct_folder):
+    data = write_data(tmp_path / "data", CHAT_ROWS, CHAT_ROWS[:2])
+    out = tmp_path / "adapter"
+    args = ["lora", "--model", str(instruct_folder), "--data", str(data), "--adapter-path", str(out),
+            "--preset", "paper", "--fine-tune-type", "dora", "--iters", "6", "--batch-size", "2", "--mask-prompt",
+            "--steps-per-eval", "3", "--learning-rate", "1e-2", "--dropout", "0", "--dtype", "fp32"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    assert "valid loss" in r.stderr and "tok/s" in r.stderr and "peak memory" in r.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "dora" and cfg["num_layers"] == -1
+    assert cfg["lora_parameters"] == {"rank": 32, "scale": 1.0, "dropout": 0.0, "keys": [
+        "attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2", "transformer.token_embeddings"]}
+    # A second run into the same folder without --resume is refused (nothing overwritten).
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and r.stderr.startswith("error:") and "--resume" in r.stderr
+    model, tok = load(instruct_folder, dtype="fp32", adapter_path=out)
+    prompt = "What is fact 1?"
+    want = generate(model, tok, tok.apply_chat_template([{"role": "user", "content": prompt}]), 8)
+    r = runner.invoke(app, ["generate", "--model", str(instruct_folder), "--adapter-path", str(out), prompt,
+                            "-m", "8", "--dtype", "fp32"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == want + "\n"
+    fused = tmp_path / "fused"
+    r = runner.invoke(app, ["fuse", "--model", str(instruct_folder), "--adapter-path", str(out), "-o", str(fused),
+                            "--dtype", "fp32"])
+    assert r.exit_code == 0, r.stderr
+    plain, _ = load(fused, dtype="fp32")
+    tokens = tok.encode("What is fact 2? The river")
+    np.testing.assert_allclose(f64(plain(mx.array([tokens]))), f64(model(mx.array([tokens]))), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda d: None, "no train.jsonl"),
+    (lambda d: (d / "train.jsonl").write_text('{"text": "a"}\n{oops}\n'), "train.jsonl:2: not valid JSON"),
+])
+def test_cli_bad_data_is_one_error_line(tmp_path, base_folder, setup, message):
+    (tmp_path / "d").mkdir()
+    setup(tmp_path / "d")
+    r = runner.invoke(app, ["lora", "--model", str(base_folder), "--data", str(tmp_path / "d"), "--adapter-path",
+                            str(tmp_path / "a"), "--iters", "1", "--dtype", "fp32"])
+    assert r.exit_code == 2, r.stderr
+    assert r.stderr.startswith("error:") and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "a" / "adapters.safetensors").exists()
+
+
+def test_cli_missing_adapter_config(tmp_path, base_folder):
+    (tmp_path / "a").mkdir()
+    r = runner.invoke(app, ["generate", "--model", str(base_folder), "--adapter-path", str(tmp_path / "a"), "hi",
+                            "--dtype", "fp32"])
+    assert r.exit_code == 2 and "adapter_config.json is missing" in r.stderr
+
+
+# ---------------------------------------------------------------- mlx-lm interop
+def test_our_adapter_in_mlx_lm_and_mlx_lms_adapter_here(tmp_path, tok):
+    from checkpoints import random_weights
+    from engine import TINY_32K, build, mlx_lm_model
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+
+    weights = random_weights(TINY_32K, seed=3)
+    tokens = mx.array([tok.encode("The capital of Freedonia is")])
+    for kind in ("lora", "dora"):
+        # Ours -> mlx-lm (the embedding of the DoRA run stays LoRA, as the paper's).
+        data = encoded(tok, FACTS)
+        ours = build(TINY_32K, weights)
+        tune.train(ours, data, [], small_cfg(iters=4, fine_tune_type=kind), tmp_path / f"ours-{kind}", progress=False)
+        ours.eval()
+        theirs = mlx_lm_model(TINY_32K, weights)
+        mlx_lm_load_adapters(theirs, str(tmp_path / f"ours-{kind}"))
+        theirs.eval()
+        np.testing.assert_allclose(f64(theirs(tokens)), f64(ours(tokens)), rtol=0, atol=1e-4)
+        assert np.abs(f64(ours(tokens)) - f64(build(TINY_32K, weights)(tokens))).max() > 1e-3
+        # mlx-lm -> ours: adapters made by mlx-lm's tuner layers (embedding included), saved as mlx_lm.lora saves.
+        theirs = mlx_lm_model(TINY_32K, weights)
+        theirs.freeze()
+        params = {"rank": 3, "scale": 5.0, "dropout": 0.0, "keys": ["attn.qkv_proj", "ffn.proj_2",
+                                                                    "transformer.token_embeddings"]}
+        linear_to_lora_layers(theirs, 2, params, use_dora=kind == "dora")
+        randomize_model_leaves(theirs)
+        folder = tmp_path / f"theirs-{kind}"
+        folder.mkdir()
+        mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(theirs.trainable_parameters())))
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"fine_tune_type": kind, "num_layers": 2, "lora_parameters": params}))
+        theirs.eval()
+        mine = build(TINY_32K, weights)
+        lora.load_adapters(mine, folder)
+        np.testing.assert_allclose(f64(mine(tokens)), f64(theirs(tokens)), rtol=0, atol=1e-4)
+
+
+def randomize_model_leaves(model, seed=2):
+    rng = np.random.default_rng(seed)
+    new = [(k, mx.array((rng.normal(size=v.shape) * (0.05 if k.endswith("lora_b") else 1)).astype(np.float32))
+            if not k.endswith(".m") else v * 1.1) for k, v in tree_flatten(model.trainable_parameters())]
+    model.update(__import__("mlx.utils", fromlist=["tree_unflatten"]).tree_unflatten(new))
+    mx.eval(model.parameters())
