@@ -373,3 +373,31 @@ def randomize_model_leaves(model, seed=2):
             if not k.endswith(".m") else v * 1.1) for k, v in tree_flatten(model.trainable_parameters())]
     model.update(__import__("mlx.utils", fromlist=["tree_unflatten"]).tree_unflatten(new))
     mx.eval(model.parameters())
+
+
+# ---------------------------------------------------------------- data parallel
+def test_two_ranks_under_mlx_launch_end_where_one_process_ends(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lora_ranks
+
+    script = Path(__file__).resolve().parent / "lora_ranks.py"
+    launch = "from mlx._distributed_utils.launch import main; main()"
+    r = subprocess.run([sys.executable, "-c", launch, "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1",
+                        "--python", sys.executable, str(script), str(tmp_path / "two")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    assert two["size"] == 2
+    one = lora_ranks.run(tmp_path / "one")
+    a, b = [l for _, l in one["train"]], [l for _, l in two["train"]]
+    assert len(a) == len(b) == 8 and a[-1] < 0.9 * a[0]
+    np.testing.assert_allclose(b, a, rtol=0.02)
+    np.testing.assert_allclose([l for _, l in two["valid"]], [l for _, l in one["valid"]], rtol=0.02)
+    w1 = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    w2 = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert np.abs(f64(w1[k]) - f64(w2[k])).max() <= 0.02 * np.abs(f64(w1[k])).max() + 1e-6, k
