@@ -228,6 +228,23 @@ def test_training_lowers_the_loss_and_resume_continues_the_curve(tmp_path, tok):
     assert abs(tune.nll(model, data[:2]) - straight["valid"][-1][1]) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_qlora_trains_over_a_q4_base_which_stays_frozen(tmp_path, tok, kind):
+    from elm_mlx.quant import quantize_in_memory
+
+    model = quantize_in_memory(fresh_model(), "q4")
+    packed = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    h = tune.train(model, encoded(tok, FACTS), [], small_cfg(fine_tune_type=kind), tmp_path, progress=False)
+    assert isinstance(model.layers[0].attn.qkv_proj.linear, nn.QuantizedLinear)
+    assert h["train"][-1][1] < 0.8 * h["train"][0][1]
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in packed.items():  # the base's packed weights, scales and biases are untouched
+        path = k.replace(".qkv_proj.", ".qkv_proj.linear.").replace(".out_proj.", ".out_proj.linear.")
+        path = path.replace(".proj_1.", ".proj_1.linear.").replace(".proj_2.", ".proj_2.linear.")
+        path = path.replace("token_embeddings.", "token_embeddings.embedding.")
+        assert np.array_equal(np.array(after[path]), v), k
+
+
 def test_resume_refuses_another_rank(tmp_path, tok):
     data = encoded(tok, FACTS)
     tune.train(fresh_model(), data, [], small_cfg(iters=2), tmp_path, progress=False)
@@ -401,3 +418,42 @@ def test_two_ranks_under_mlx_launch_end_where_one_process_ends(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         assert np.abs(f64(w1[k]) - f64(w2[k])).max() <= 0.02 * np.abs(f64(w1[k])).max() + 1e-6, k
+
+
+# ---------------------------------------------------------------- a tiny trained model learns
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory):
+    """tests/train_tiny.py's recipe at the TINY_32K size (seconds on a CPU): weights with trained statistics."""
+    import train_tiny
+    from engine import TINY_32K
+
+    folder = tmp_path_factory.mktemp("tiny-trained")
+    train_tiny.train(folder, steps=40, config=TINY_32K, batch=4, log=lambda s: None)
+    return folder
+
+
+def token_accuracy(model, data) -> float:
+    """Share of the texts' tokens the model predicts greedily from their prefix."""
+    hits = total = 0
+    for ids, _ in data:
+        pred = np.array(mx.argmax(model(mx.array([ids[:-1]]))[0], axis=-1))
+        hits += int((pred == np.array(ids[1:])).sum())
+        total += len(ids) - 1
+    return hits / total
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_a_tiny_trained_model_learns_the_facts_in_40_iterations(tiny_trained, tok, kind, tmp_path):
+    from elm_mlx.load import load_model
+
+    data = encoded(tok, FACTS)
+    model = load_model(tiny_trained, "fp32")
+    before, acc_before = tune.nll(model, data), token_accuracy(model, data)
+    cfg = tune.TrainConfig(fine_tune_type=kind, rank=8, scale=1.0, dropout=0.0, num_layers=-1, keys=tune.PAPER_KEYS,
+                           iters=40, batch_size=4, learning_rate=3e-3, save_every=0, steps_per_report=100)
+    tune.train(model, data, [], cfg, tmp_path, progress=False, log=lambda s: None)
+    after = tune.nll(model, data)
+    print(f"{kind}: NLL {before:.3f} -> {after:.3f}, greedy token accuracy {acc_before:.2f} -> "
+          f"{token_accuracy(model, data):.2f}")
+    assert after <= 0.7 * before, (before, after)
+    assert token_accuracy(model, data) >= max(0.9, acc_before + 0.5)
