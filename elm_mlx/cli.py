@@ -49,6 +49,9 @@ NoCompileOpt = Annotated[bool, typer.Option(
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     help="Llama-2 tokenizer.model to use when the model folder has none (Apple's repos ship none); otherwise "
     "an ungated hub copy is fetched and checked.")]
+AdapterPathOpt = Annotated[Optional[Path], typer.Option(
+    "--adapter-path", help="A LoRA/DoRA adapter folder (adapter_config.json + adapters.safetensors, from "
+    "`elm-mlx lora` or mlx_lm.lora) applied to the model.")]
 MODEL_OPTIONS = {
     "model": ModelOpt,
     "dtype": DtypeOpt,
@@ -59,9 +62,7 @@ MODEL_OPTIONS = {
     "no_chat_template": Annotated[bool, typer.Option(
         "--no-chat-template", help="Use no chat template: the text goes to the model as typed (base models "
         "never have one).")],
-    "adapter_path": Annotated[Optional[Path], typer.Option(
-        "--adapter-path", help="A LoRA/DoRA adapter folder (adapter_config.json + adapters.safetensors, from "
-        "`elm-mlx lora` or mlx_lm.lora) applied to the model.")],
+    "adapter_path": AdapterPathOpt,
 }
 SAMPLING_OPTIONS = {
     "temp": Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")],
@@ -512,6 +513,7 @@ def eval_(
         file_okay=False, exists=True, help="A folder of extra lm-eval task YAMLs (your own tasks).")] = None,
     dtype: DtypeOpt = None,
     tokenizer: TokenizerOpt = None,
+    adapter_path: AdapterPathOpt = None,
 ):
     """Score a model with lm-evaluation-harness, the harness OpenELM's model card used
     (BOS prepended, as the card does). Prints lm-eval's tables; --output saves its JSON.
@@ -524,7 +526,7 @@ def eval_(
         raise ElmError("--tasks: name at least one lm-eval task (e.g. --tasks arc_easy,hellaswag), or use --paper")
     evaluate.run_eval(model, names, num_fewshot=num_fewshot, limit=limit, output=output, paper=paper,
                       batch_size=batch_size, include_path=include_path, dtype=dtype, tokenizer=tokenizer,
-                      say=lambda text: typer.echo(text, err=output == "-"))
+                      adapter_path=adapter_path, say=lambda text: typer.echo(text, err=output == "-"))
 
 
 @app.command()
@@ -542,13 +544,14 @@ def perplexity(
         min=1, help="Windows per forward pass (fewer for long windows: the logits per pass are bounded).")] = 8,
     dtype: DtypeOpt = None,
     tokenizer: TokenizerOpt = None,
+    adapter_path: AdapterPathOpt = None,
 ):
     """Perplexity of a text file with sliding windows, to compare dtypes and quantizations
     of one model (the same file, context and stride for each). Prints `perplexity: X` and tokens/s."""
     from .score import perplexity_of_file
 
     perplexity_of_file(model, file, context=context, stride=stride, batch_size=batch_size, dtype=dtype,
-                       tokenizer=tokenizer, say=typer.echo)
+                       tokenizer=tokenizer, adapter_path=adapter_path, say=typer.echo)
 
 
 @app.command()

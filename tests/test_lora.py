@@ -323,6 +323,18 @@ def test_cli_lora_fuse_and_adapter_path(tmp_path, instruct_folder):
     plain, _ = load(fused, dtype="fp32")
     tokens = tok.encode("What is fact 2? The river")
     np.testing.assert_allclose(f64(plain(mx.array([tokens]))), f64(model(mx.array([tokens]))), rtol=0, atol=1e-4)
+    # perplexity --adapter-path scores the adapted model: the fused folder's number, not the base's.
+    text = tmp_path / "facts.txt"
+    text.write_text(" ".join(FACTS))
+
+    def ppl(*extra):
+        r = runner.invoke(app, ["perplexity", str(text), "--context", "32", "--dtype", "fp32", *extra])
+        assert r.exit_code == 0, r.stderr
+        return float(r.stdout.split("perplexity:")[1].split()[0])
+
+    adapted = ppl("--model", str(instruct_folder), "--adapter-path", str(out))
+    assert adapted == pytest.approx(ppl("--model", str(fused)), rel=1e-3)
+    assert adapted != pytest.approx(ppl("--model", str(instruct_folder)), rel=1e-2)
 
 
 @pytest.mark.parametrize("setup,message", [
