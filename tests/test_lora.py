@@ -469,3 +469,15 @@ def test_a_tiny_trained_model_learns_the_facts_in_40_iterations(tiny_trained, to
           f"{token_accuracy(model, data):.2f}")
     assert after <= 0.7 * before, (before, after)
     assert token_accuracy(model, data) >= max(0.9, acc_before + 0.5)
+
+
+def test_grad_checkpoint_gives_the_same_curve(tmp_path, tok):
+    """Last in the file: --grad-checkpoint wraps the Block class (as mlx-lm does) for the rest of the process."""
+    data = encoded(tok, FACTS)
+    plain = tune.train(fresh_model(), data, [], small_cfg(iters=5), tmp_path / "a", progress=False)
+    ckpt = tune.train(fresh_model(), data, [], small_cfg(iters=5, grad_checkpoint=True), tmp_path / "b",
+                      progress=False)
+    from elm_mlx.model import Block
+
+    assert getattr(Block, "_elm_checkpointed", False)
+    np.testing.assert_allclose([l for _, l in ckpt["train"]], [l for _, l in plain["train"]], rtol=1e-4)
