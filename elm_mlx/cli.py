@@ -49,6 +49,9 @@ NoCompileOpt = Annotated[bool, typer.Option(
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     help="Llama-2 tokenizer.model to use when the model folder has none (Apple's repos ship none); otherwise "
     "an ungated hub copy is fetched and checked.")]
+AdapterPathOpt = Annotated[Optional[Path], typer.Option(
+    "--adapter-path", help="A LoRA/DoRA adapter folder (adapter_config.json + adapters.safetensors, from "
+    "`elm-mlx lora` or mlx_lm.lora) applied to the model.")]
 MODEL_OPTIONS = {
     "model": ModelOpt,
     "dtype": DtypeOpt,
@@ -59,6 +62,7 @@ MODEL_OPTIONS = {
     "no_chat_template": Annotated[bool, typer.Option(
         "--no-chat-template", help="Use no chat template: the text goes to the model as typed (base models "
         "never have one).")],
+    "adapter_path": AdapterPathOpt,
 }
 SAMPLING_OPTIONS = {
     "temp": Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")],
@@ -101,6 +105,7 @@ class ModelChoice:
     tokenizer: Optional[Path]
     chat_template: Optional[Path]
     no_chat_template: bool
+    adapter_path: Optional[Path] = None
 
     def load(self):
         """(model, tokenizer carrying the chat template to use, or None)."""
@@ -110,9 +115,16 @@ class ModelChoice:
 
         folder = resolve(self.model, self.dtype, self.tokenizer)
         template = choose_template(folder, self.model, self.chat_template, self.no_chat_template)  # before the slow part
-        model, tok = load(folder, dtype=self.dtype, tokenizer=self.tokenizer)
+        model, tok = load(folder, dtype=self.dtype, tokenizer=self.tokenizer, adapter_path=self.adapter_path)
         tok.chat_template = template
         return model, tok
+
+
+def no_cache_with_adapter(prompt_cache, choice: ModelChoice) -> None:
+    """A prompt cache is keyed by the model folder, not an adapter: its KV would be the wrong model's."""
+    if prompt_cache is not None and choice.adapter_path is not None:
+        raise ElmError("--prompt-cache and --adapter-path together are not supported (the cache would not know "
+                       "the adapter); fuse the adapter (elm-mlx fuse) and use the fused folder")
 
 
 def option_group(options: dict, build, into: str, defaults: dict | None = None):
@@ -140,7 +152,8 @@ def option_group(options: dict, build, into: str, defaults: dict | None = None):
 
 def model_options(fn):
     return option_group(MODEL_OPTIONS, ModelChoice, "choice",
-                        dict(dtype=None, tokenizer=None, chat_template=None, no_chat_template=False))(fn)
+                        dict(dtype=None, tokenizer=None, chat_template=None, no_chat_template=False,
+                             adapter_path=None))(fn)
 
 
 def sampling_options(**defaults):
@@ -287,6 +300,7 @@ def generate(
 
     if prompt == "-":
         prompt = read_stdin()
+    no_cache_with_adapter(prompt_cache, choice)
     model, tok = choice.load()
     spec = speculation.generate_kwargs(model, tok, choice.dtype, choice.tokenizer)
     structured = structured_kwargs(json_schema, grammar, regex)
@@ -403,6 +417,7 @@ def chat(
     Ctrl-C stops the current reply."""
     from .chat import Chat, repl
 
+    no_cache_with_adapter(prompt_cache, choice)
     model, tok = choice.load()
     spec = speculation.generate_kwargs(model, tok, choice.dtype, choice.tokenizer)
     structured = structured_kwargs(json_schema, None, None)
@@ -456,7 +471,8 @@ def serve(
                         speculation.num_draft_tokens)
     run(choice.model, host, port, defaults, choice.dtype, choice.tokenizer, choice.chat_template,
         choice.no_chat_template, max_batch=max_batch, log_level=log_level,
-        allowed_origins=tuple(allowed_origins or ()), api_key=api_key, draft_model=speculation.draft_model)
+        allowed_origins=tuple(allowed_origins or ()), api_key=api_key, draft_model=speculation.draft_model,
+        adapter_path=choice.adapter_path)
 
 
 @app.command()
@@ -539,6 +555,7 @@ def eval_(
         file_okay=False, exists=True, help="A folder of extra lm-eval task YAMLs (your own tasks).")] = None,
     dtype: DtypeOpt = None,
     tokenizer: TokenizerOpt = None,
+    adapter_path: AdapterPathOpt = None,
 ):
     """Score a model with lm-evaluation-harness, the harness OpenELM's model card used
     (BOS prepended, as the card does). Prints lm-eval's tables; --output saves its JSON.
@@ -551,7 +568,7 @@ def eval_(
         raise ElmError("--tasks: name at least one lm-eval task (e.g. --tasks arc_easy,hellaswag), or use --paper")
     evaluate.run_eval(model, names, num_fewshot=num_fewshot, limit=limit, output=output, paper=paper,
                       batch_size=batch_size, include_path=include_path, dtype=dtype, tokenizer=tokenizer,
-                      say=lambda text: typer.echo(text, err=output == "-"))
+                      adapter_path=adapter_path, say=lambda text: typer.echo(text, err=output == "-"))
 
 
 @app.command()
@@ -569,13 +586,14 @@ def perplexity(
         min=1, help="Windows per forward pass (fewer for long windows: the logits per pass are bounded).")] = 8,
     dtype: DtypeOpt = None,
     tokenizer: TokenizerOpt = None,
+    adapter_path: AdapterPathOpt = None,
 ):
     """Perplexity of a text file with sliding windows, to compare dtypes and quantizations
     of one model (the same file, context and stride for each). Prints `perplexity: X` and tokens/s."""
     from .score import perplexity_of_file
 
     perplexity_of_file(model, file, context=context, stride=stride, batch_size=batch_size, dtype=dtype,
-                       tokenizer=tokenizer, say=typer.echo)
+                       tokenizer=tokenizer, adapter_path=adapter_path, say=typer.echo)
 
 
 @app.command()
@@ -584,6 +602,113 @@ def models():
     from .config import models_table
 
     typer.echo(models_table())
+
+
+# ---------------------------------------------------------------- fine-tuning (elm_mlx/tune.py, lora.py, fuse.py)
+def _opt(help, *names, **kw):
+    return typer.Option(*names, help=help, **kw)
+
+
+@app.command()
+@user_errors
+def lora(
+    model: ModelOpt,
+    data: Annotated[Path, _opt("A folder with train.jsonl (and valid.jsonl): one JSON object a line, "
+                               '{"text"}, {"prompt","completion"} or {"messages"} (as mlx_lm.lora reads).')],
+    adapter_path: Annotated[Path, _opt("Folder the adapter is written to (adapter_config.json + "
+                                       "adapters.safetensors, mlx-lm's format).", "--adapter-path")] = Path("adapters"),
+    preset: Annotated[Optional[Literal["paper"]], _opt(
+        "paper: the OpenELM paper's PEFT settings (rank 32, scale 1, dropout 0.1, every layer, qkv/out/proj_1/"
+        "proj_2 and the tied embedding, AdamW 0.9/0.95, no weight decay, clip 1, cosine 3e-4 -> 3e-5 with "
+        "100 warm-up iterations). Flags given override it.")] = None,
+    fine_tune_type: Annotated[Optional[Literal["lora", "dora"]], _opt("lora or dora.", "--fine-tune-type")] = None,
+    rank: Annotated[Optional[int], _opt("Adapter rank (default 8).", min=1)] = None,
+    scale: Annotated[Optional[float], _opt("Scale of the low-rank update (alpha / rank; default 20).")] = None,
+    dropout: Annotated[Optional[float], _opt("Dropout on the adapter's input (default 0).", min=0.0, max=0.99)] = None,
+    num_layers: Annotated[Optional[int], _opt("Adapt the last N layers; -1: all (default 16).", "--num-layers")] = None,
+    keys: Annotated[Optional[str], _opt("Comma-separated modules to adapt: qkv_proj, out_proj, proj_1, proj_2, "
+                                        "token_embeddings (default the first four).")] = None,
+    iters: Annotated[Optional[int], _opt("Training iterations (default 1000).", min=1)] = None,
+    batch_size: Annotated[Optional[int], _opt("Rows per iteration, over all processes (default 4).",
+                                              "--batch-size", min=1)] = None,
+    learning_rate: Annotated[Optional[float], _opt("Peak learning rate (default 1e-5).", "--learning-rate")] = None,
+    lr_schedule: Annotated[Optional[Literal["constant", "cosine"]], _opt(
+        "constant, or cosine decay to --min-learning-rate.", "--lr-schedule")] = None,
+    min_learning_rate: Annotated[Optional[float], _opt("End of the cosine (default 0).", "--min-learning-rate")] = None,
+    warmup: Annotated[Optional[int], _opt("Linear warm-up iterations (at most a tenth of --iters).", min=0)] = None,
+    grad_clip: Annotated[Optional[float], _opt("Clip the gradient's global norm (default: off).", "--grad-clip")] = None,
+    seed: Annotated[int, _opt("Seed of the initialization, batch order and dropout.")] = 0,
+    mask_prompt: Annotated[bool, _opt("Leave the prompt (all but the last message) out of the loss.",
+                                      "--mask-prompt")] = False,
+    grad_checkpoint: Annotated[bool, _opt("Recompute activations in the backward pass (less memory).",
+                                          "--grad-checkpoint")] = False,
+    val_batches: Annotated[int, _opt("Validation batches per evaluation; -1: all of valid.jsonl.",
+                                     "--val-batches")] = 25,
+    steps_per_report: Annotated[int, _opt("Iterations between loss reports.", "--steps-per-report", min=1)] = 10,
+    steps_per_eval: Annotated[int, _opt("Iterations between validation losses.", "--steps-per-eval", min=1)] = 200,
+    save_every: Annotated[int, _opt("Iterations between checkpoints (0: only at the end).", "--save-every",
+                                    min=0)] = 100,
+    max_seq_length: Annotated[Optional[int], _opt("Longest row in tokens (default: the model's context); a longer "
+                                                  "row is an error.", "--max-seq-length", min=2)] = None,
+    resume: Annotated[bool, _opt("Continue the run saved in --adapter-path (adapter, optimizer state, step).")] = False,
+    dtype: DtypeOpt = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Fine-tune a LoRA or DoRA adapter (QLoRA on a quantized model folder) on JSONL data. Under
+    `mlx.launch` it trains data-parallel: each process takes its share of every batch, gradients are
+    averaged, only rank 0 writes and reports. Ctrl-C saves the latest adapter."""
+    import mlx.core as mx
+
+    from . import load
+    from .tune import PRESETS, TrainConfig, load_data, train
+
+    given = dict(fine_tune_type=fine_tune_type, rank=rank, scale=scale, dropout=dropout, num_layers=num_layers,
+                 keys=keys.split(",") if keys else None, iters=iters, batch_size=batch_size,
+                 learning_rate=learning_rate, lr_schedule=lr_schedule, min_learning_rate=min_learning_rate,
+                 warmup=warmup, grad_clip=grad_clip)
+    cfg = TrainConfig(**{**PRESETS.get(preset, {}), **{k: v for k, v in given.items() if v is not None}},
+                      seed=seed, mask_prompt=mask_prompt, grad_checkpoint=grad_checkpoint, val_batches=val_batches,
+                      steps_per_report=steps_per_report, steps_per_eval=steps_per_eval, save_every=save_every)
+    if resume and not (adapter_path / "adapter_config.json").exists():
+        raise ElmError(f"--resume: {adapter_path} holds no adapter to continue")
+    if not resume and (adapter_path / "adapters.safetensors").exists():
+        raise ElmError(f"{adapter_path} already holds an adapter: pass --resume to continue it, or another "
+                       "--adapter-path")
+    group = mx.distributed.init()
+    group = group if group.size() > 1 else None
+    net, tok = load(model, dtype=dtype, tokenizer=tokenizer)
+    limit = net.config.max_context_length
+    if max_seq_length is not None and max_seq_length > limit:
+        raise ElmError(f"--max-seq-length {max_seq_length}: the model's context is {limit}")
+    train_data, valid_data = load_data(data, tok, tok.chat_template, cfg.mask_prompt, max_seq_length or limit)
+    h = train(net, train_data, valid_data, cfg, adapter_path, resume=resume, model_name=model, group=group)
+    if group is None or group.rank() == 0:
+        typer.echo(f"wrote {adapter_path} (iteration {h['step']})", err=True)
+    if h["interrupted"]:
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+@user_errors
+def fuse(
+    model: ModelOpt,
+    adapter_path: Annotated[Path, _opt("The adapter folder to fold in.", "--adapter-path")],
+    output: Annotated[Path, _opt("Folder to create (must not exist).", "--output", "-o")],
+    dtype: Annotated[DtypeName, _opt("Stored dtype of the float weights.")] = "bf16",
+    dequantize: Annotated[bool, _opt("Store a quantized base's fused layers as floats instead of "
+                                     "re-quantizing them.")] = False,
+    quant: Annotated[Optional[Literal["q4", "q8"]], _opt("Quantize a float base after fusing (convert's recipe).")] = None,
+    tokenizer: TokenizerOpt = None,
+):
+    """Fold an adapter into the model's weights: a plain converted folder, loadable with no adapter."""
+    from . import load
+    from .fuse import fuse_to_folder
+    from .hub import resolve
+
+    folder = resolve(model, "fp32", tokenizer)
+    net, tok = load(model, dtype="fp32", tokenizer=tokenizer, adapter_path=adapter_path)
+    fuse_to_folder(net, tok, folder, output, dtype=dtype, dequantize=dequantize, quant=quant)
+    typer.echo(f"wrote {output}", err=True)
 
 
 def debug_first(args: list[str]) -> list[str]:

@@ -55,13 +55,14 @@ class ElmLM(TemplateLM):
 
     def __init__(self, pretrained: str, dtype: str | None = None, tokenizer: str | None = None,
                  add_bos_token: bool = True, max_length: int | None = None, max_gen_toks: int = 256,
-                 batch_size=8, max_batch_size=None, device=None, trust_remote_code: bool = False, **unknown):
+                 batch_size=8, max_batch_size=None, device=None, trust_remote_code: bool = False,
+                 adapter_path: str | None = None, **unknown):
         super().__init__()
         if unknown:
             raise ElmError(f"model_args {', '.join(sorted(unknown))}: not elm-mlx's (it takes pretrained, dtype, "
-                           "tokenizer, add_bos_token, max_length, max_gen_toks, batch_size)")
+                           "tokenizer, add_bos_token, max_length, max_gen_toks, batch_size, adapter_path)")
         self.pretrained = str(pretrained)
-        self.model, self.tokenizer = load(self.pretrained, dtype=dtype, tokenizer=tokenizer)
+        self.model, self.tokenizer = load(self.pretrained, dtype=dtype, tokenizer=tokenizer, adapter_path=adapter_path)
         self.add_bos_token = bool(add_bos_token)
         context = self.model.config.max_context_length
         self._max_length = int(max_length or context)
@@ -211,7 +212,7 @@ class ElmLM(TemplateLM):
 # ------------------------------------------------------------ elm-mlx eval
 
 def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=None, paper=False, batch_size=8,
-             include_path=None, dtype=None, tokenizer=None, say=print) -> dict:
+             include_path=None, dtype=None, tokenizer=None, adapter_path=None, say=print) -> dict:
     """`elm-mlx eval`: lm-eval's tables via say, its JSON to `output`. paper: the
     model card's runs and the ours-vs-card table instead of `tasks`."""
     from lm_eval.tasks import TaskManager
@@ -222,7 +223,8 @@ def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=No
     if not paper:
         manager = tasks_index()
         check_tasks(manager, tasks)  # before loading the model
-        results = evaluate(ElmLM(model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size), tasks,
+        results = evaluate(ElmLM(model, dtype=dtype, tokenizer=tokenizer, batch_size=batch_size,
+                                 adapter_path=adapter_path), tasks,
                            num_fewshot, limit, manager)
         say(tables(results))
         if output:
@@ -235,7 +237,7 @@ def run_eval(model: str, tasks: list, *, num_fewshot=None, limit=None, output=No
 
     folder = resolve(model, dtype, tokenizer)
     which = card.paper_model(model, OpenELMConfig.from_file(folder / "config.json"))
-    lm = ElmLM(str(folder), dtype=dtype, tokenizer=tokenizer, batch_size=batch_size)
+    lm = ElmLM(str(folder), dtype=dtype, tokenizer=tokenizer, batch_size=batch_size, adapter_path=adapter_path)
     manager = tasks_index()
     runs = {}
     for shots, names in card.RUNS:

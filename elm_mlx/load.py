@@ -44,7 +44,7 @@ def compute_dtype(dtype: str | None) -> str | None:
     return "fp32"
 
 
-def load_model(folder: Path, dtype=None) -> Model:
+def load_model(folder: Path, dtype=None, adapter_path=None) -> Model:
     """dtype None: as stored for a folder elm-mlx wrote (its dtype was chosen
     at conversion) and for quantized folders, bfloat16 for anything else.
     Never float16 by default: the 3B's activations overflow it, so a quantized
@@ -64,11 +64,15 @@ def load_model(folder: Path, dtype=None) -> Model:
     if quantization is not None:
         quantize_model(model, quantization, {k.removesuffix(".scales") for k in weights if k.endswith(".scales")})
     model.load_weights(list(weights.items()))
+    if adapter_path is not None:
+        from .lora import load_adapters
+
+        load_adapters(model, adapter_path)
     mx.eval(model.parameters())
     return model
 
 
-def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = None):
+def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = None, adapter_path=None):
     """(model, tokenizer) from a model folder (Apple's HF layout or one
     `elm-mlx convert` wrote), a preset ("270M", "1_1B-Instruct", ...) or a hub
     id ("apple/OpenELM-3B"); hub models are downloaded and converted once.
@@ -76,7 +80,11 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     bf16 (as stored for converted folders). tokenizer: a tokenizer.model
     used when the model folder has none."""
     folder = resolve(str(name_or_path), dtype, tokenizer)  # the hub copy keeps its stored dtype
-    model, tok = load_model(folder, compute_dtype(dtype)), load_tokenizer(folder, tokenizer)
+    if adapter_path is not None:
+        from .lora import read_adapter_config
+
+        read_adapter_config(adapter_path)  # before the slow part: fail fast
+    model, tok = load_model(folder, compute_dtype(dtype), adapter_path), load_tokenizer(folder, tokenizer)
     check_tokenizer_json(folder, tok)
     check_vocabularies(model.config.vocab_size, tok, folder)
     tok.chat_template = find_template(folder, str(name_or_path))

@@ -130,7 +130,7 @@ def perplexity(model, ids: list, context: int, stride: int, batch_size: int = 1,
 
 
 def perplexity_of_file(model: str, file, *, context: int = 2048, stride: int | None = None, batch_size: int = 8,
-                       dtype=None, tokenizer=None, say=print) -> float:
+                       dtype=None, tokenizer=None, adapter_path=None, say=print) -> float:
     """`elm-mlx perplexity`: prints `perplexity: X` and the speed; returns X."""
     import sys
     from pathlib import Path
@@ -149,7 +149,7 @@ def perplexity_of_file(model: str, file, *, context: int = 2048, stride: int | N
         raise ElmError(f"FILE {file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     stride = context if stride is None else stride
     check_window(context, stride, 1 << 30)  # before loading; the model's own limit after
-    model_, tok = load(model, dtype=dtype, tokenizer=tokenizer)
+    model_, tok = load(model, dtype=dtype, tokenizer=tokenizer, adapter_path=adapter_path)
     check_window(context, stride, model_.config.max_context_length)
     ids = tok.encode(text)
     if len(ids) < 2:

@@ -918,7 +918,10 @@ def default_max_batch() -> int:
 
 def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, tokenizer_file=None,
           template_file=None, no_template=False, max_batch: int | None = None, log_level: str = "info",
-          allowed_origins: tuple = (), api_key: str | None = None, draft_model: str | None = None):
+          allowed_origins: tuple = (), api_key: str | None = None, draft_model: str | None = None,
+          adapter_path=None):
+    """adapter_path: one LoRA/DoRA adapter applied to the served model for every request
+    (the batch engine runs one set of weights; per-request adapters are not offered)."""
     from .chat_template import choose_template
     from .hub import resolve
     from .load import compute_dtype, load_model
@@ -927,6 +930,10 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
     folder = resolve(name, dtype, tokenizer_file)
     tokenizer = load_tokenizer(folder, tokenizer_file)
     template = choose_template(folder, name, template_file, no_template)
+    if adapter_path is not None:
+        from .lora import read_adapter_config
+
+        read_adapter_config(adapter_path)  # before binding: fail fast
     max_batch = default_max_batch() if max_batch is None else max_batch
     if max_batch < 1:
         raise ElmError(f"--max-batch {max_batch}: expected >= 1")
@@ -937,7 +944,7 @@ def serve(name: str, host: str, port: int, defaults: Defaults, dtype=None, token
 
         def load_draft(target):
             return load_checked(draft_model, target, tokenizer, dtype, tokenizer_file)
-    worker = Worker(lambda: load_model(folder, compute_dtype(dtype)), tokenizer, max_batch, load_draft)
+    worker = Worker(lambda: load_model(folder, compute_dtype(dtype), adapter_path), tokenizer, max_batch, load_draft)
     model = worker.model
     model_id = folder.name if Path(name).expanduser().exists() else name  # a preset or hub id as given
     api = Api(worker, tokenizer, template, model_id, defaults, model.config.max_context_length,
