@@ -171,51 +171,75 @@ def make_proposer(target, prompt_lookup=0, ngram=DEFAULT_NGRAM, draft_model=None
     return PromptLookup(prompt_lookup, ngram)
 
 
-def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                       repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
-                       context=(), max_tokens=None, stats: SpecStats | None = None):
-    """Yields token ids (the caller stops) with plain decoding's distribution
-    (greedy: its exact tokens). `max_tokens`, when given, keeps blocks from
-    guessing past it. `stats` is updated as tokens are produced."""
-    if seed is not None:
-        mx.random.seed(seed)
-    stats = SpecStats() if stats is None else stats
-    cache = make_cache(model) if cache is None else cache
-    vocab = model.config.vocab_size
-    greedy, penalize = temp == 0, repetition_penalty != 1.0
-    transform = make_transform(temp, top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty)
-    history = list(context) + list(prompt_ids)
-    seen = seen_mask(history, vocab) if penalize else None  # every token before the pending one
-    # OpenAI's penalties count the output only (as sample.SequenceSampler): before the pending token.
-    counts = mx.zeros((vocab,), mx.float32) if (frequency_penalty or presence_penalty) else None
+class Verifier:
+    """One sequence's speculative decoding, apart from the forward that checks its guesses (so
+    that `speculative_tokens` runs it on its own cache and the batch engine on a row of its
+    packed forward): `first(logits)` picks the token after the prompt, `block()` gives the
+    tokens to read next (the pending token, then up to k guesses), and `settle(logits)` turns
+    the target's logits at those positions into the tokens produced and the number of cache
+    positions to trim. `key`: the random key of the draws (None: MLX's global generator).
+    stats.tokens is the caller's to count (what it passes on; a block may end past a stop)."""
 
-    def choose(logits):  # [R, V] transformed -> [R]
-        return mx.argmax(logits, axis=-1) if greedy else mx.random.categorical(logits)
+    def __init__(self, vocab: int, history: list, proposer, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, max_tokens=None, key=None,
+                 stats: SpecStats | None = None):
+        self.vocab, self.proposer, self.max_tokens, self.key = vocab, proposer, max_tokens, key
+        self.greedy, self.penalize = temp == 0, repetition_penalty != 1.0
+        self.transform = make_transform(temp, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
+                                        presence_penalty)
+        self.history = list(history)
+        self.seen = seen_mask(self.history, vocab) if self.penalize else None  # every token before the pending one
+        # OpenAI's penalties count the output only (as sample.SequenceSampler): before the pending token.
+        self.counts = mx.zeros((vocab,), mx.float32) if (frequency_penalty or presence_penalty) else None
+        self.stats = SpecStats() if stats is None else stats
+        self.pending = self.guesses = self.q = None
+        self.produced = 0
 
-    logits = model(mx.array(prompt_ids)[None], cache, last_only=True)[0]
-    y = choose(transform(logits, None if seen is None else seen[None], None if counts is None else counts[None])).item()
-    stats.target_forwards += 1
-    stats.tokens += 1
-    history.append(y)
-    yield y
-    while True:
-        k = proposer.num_tokens if max_tokens is None else min(proposer.num_tokens, max_tokens - stats.tokens - 1)
-        guesses, q = proposer.propose(history, max(k, 0), transform, greedy)
-        k = guesses.shape[0]
-        tokens = mx.concatenate([mx.array([y], dtype=mx.int32), guesses])
+    def _next_key(self):
+        if self.key is None:
+            return None
+        self.key, key = mx.random.split(self.key)
+        return key
+
+    def _choose(self, logits):  # [R, V] transformed -> [R]
+        return mx.argmax(logits, axis=-1) if self.greedy else mx.random.categorical(logits, key=self._next_key())
+
+    def first(self, logits) -> int:
+        """logits [1, V] at the prompt's last position -> the first token."""
+        seen, counts = (None if a is None else a[None] for a in (self.seen, self.counts))
+        y = self._choose(self.transform(logits, seen, counts)).item()
+        self.stats.target_forwards += 1
+        self.produced = 1
+        self.history.append(y)
+        self.pending = y
+        return y
+
+    def block(self) -> mx.array:
+        """The pending token and the proposer's guesses (int32 [1 + k], k >= 0), to be read at the
+        positions after everything produced before the pending token."""
+        n = self.proposer.num_tokens
+        k = n if self.max_tokens is None else min(n, self.max_tokens - self.produced - 1)
+        self.guesses, self.q = self.proposer.propose(self.history, max(k, 0), self.transform, self.greedy)
+        return mx.concatenate([mx.array([self.pending], dtype=mx.int32), self.guesses])
+
+    def settle(self, logits) -> tuple[list[int], int]:
+        """logits [1 + k, V], the model's at block()'s positions -> (the tokens produced: the guesses
+        kept, then the model's own; how many of the block's positions to trim from the cache)."""
+        guesses, q, k, vocab = self.guesses, self.q, self.guesses.shape[0], self.vocab
+        tokens = mx.concatenate([mx.array([self.pending], dtype=mx.int32), guesses])
         rows_seen = rows_counts = None
-        if penalize or counts is not None:  # position i has seen every earlier token, the pending one, guesses 1..i
+        if self.penalize or self.counts is not None:  # position i has seen every earlier token, the pending one, guesses 1..i
             grown = mx.cumsum((tokens[:, None] == mx.arange(vocab)[None]).astype(mx.float32), axis=0)
-            rows_seen = seen[None] | (grown > 0) if penalize else None
-            rows_counts = counts[None] + grown if counts is not None else None
-        logits = transform(model(tokens[None], cache)[0], rows_seen, rows_counts)  # [k+1, V]
-        if greedy:
+            rows_seen = self.seen[None] | (grown > 0) if self.penalize else None
+            rows_counts = self.counts[None] + grown if self.counts is not None else None
+        logits = self.transform(logits, rows_seen, rows_counts)  # [k+1, V]
+        if self.greedy:
             pick = mx.argmax(logits, axis=-1)
             agree = guesses == pick[:k]
         else:
             p = mx.softmax(logits, axis=-1)
             p_guess = mx.take_along_axis(p[:k], guesses[:, None], axis=-1)[:, 0]
-            u = mx.random.uniform(shape=(k,))
+            u = mx.random.uniform(shape=(k,), key=self._next_key())
             if q is None:  # a point mass on each guess
                 agree = u < p_guess
                 residual = mx.where(mx.arange(vocab)[None] == guesses[:, None], 0.0, p[:k])
@@ -227,30 +251,54 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
                 residual = mx.where(residual.sum(axis=-1, keepdims=True) > 0, residual, p[:k])
             # One draw per position, each from what the rule says a stop there draws from;
             # only the one at the first rejection (or after the last guess) is used.
-            pick = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])))
+            pick = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])), key=self._next_key())
         mx.eval(pick, agree)
         agree, pick = agree.tolist(), pick.tolist()
         a = next((i for i, ok in enumerate(agree) if not ok), k)
-        for c in cache:
-            c.trim(k - a)
         kept = guesses[:a].tolist()
-        proposer.kept(len(history) + a)
-        if penalize:
-            seen[mx.array([y] + kept)] = True
-        if counts is not None:
-            counts = counts.at[mx.array([y] + kept)].add(1.0)
-        y = pick[a]
-        stats.target_forwards += 1
-        stats.proposed += k
-        stats.accepted += a
-        for i, t in enumerate(kept + [y]):
+        self.proposer.kept(len(self.history) + a)
+        if self.penalize:
+            self.seen[mx.array([self.pending] + kept)] = True
+        if self.counts is not None:
+            self.counts = self.counts.at[mx.array([self.pending] + kept)].add(1.0)
+        self.pending = pick[a]
+        out = kept + [self.pending]
+        self.stats.target_forwards += 1
+        self.stats.proposed += k
+        self.stats.accepted += a
+        self.produced += len(out)
+        self.history += out
+        return out, k - a
+
+
+def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                       repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
+                       context=(), max_tokens=None, stats: SpecStats | None = None):
+    """Yields token ids (the caller stops) with plain decoding's distribution
+    (greedy: its exact tokens). `max_tokens`, when given, keeps blocks from
+    guessing past it. `stats` is updated as tokens are produced."""
+    if seed is not None:
+        mx.random.seed(seed)
+    cache = make_cache(model) if cache is None else cache
+    state = Verifier(model.config.vocab_size, list(context) + list(prompt_ids), proposer, temp=temp, top_k=top_k,
+                     top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                     frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, max_tokens=max_tokens,
+                     stats=stats)
+    stats = state.stats
+    stats.tokens += 1
+    yield state.first(model(mx.array(prompt_ids)[None], cache, last_only=True)[0])
+    while True:
+        tokens = state.block()
+        out, drop = state.settle(model(tokens[None], cache)[0])
+        for c in cache:
+            c.trim(drop)
+        for i, t in enumerate(out):
             stats.tokens += 1
-            history.append(t)
             try:
                 yield t
             except GeneratorExit:  # stopped inside the block (EOS, max_tokens): the cache ends with what was taken
                 for c in cache:
-                    c.trim(max(0, a - i - 1))
+                    c.trim(max(0, len(out) - 2 - i))
                 raise
 
 
