@@ -57,36 +57,43 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         return self.attend(q, k, v, mask)
 
-    def decode(self, x, offset, rope, visible, keys, values):
-        """One token x[B, 1, dim] at position `offset` (int32 array [1]):
-        its key and value are written into the fixed-size buffers keys/values
-        [B, kv_heads, capacity, head_dim] at that position, and it attends to
-        the positions `visible` (bool [capacity]) marks. Heads-major is a
-        reshape when L = 1. `rope`: the position's rotation as a [head_dim,
-        head_dim] matrix (Model.rope_matrix), with attention as an explicit
-        GQA matmul pair: fewer, larger ops than the CPU backend's composed
-        mx.fast kernels, since a CPU decode step is bound by their count.
-        None: mx.fast.rope and mx.fast.scaled_dot_product_attention, single
-        kernels on a GPU. -> (out, keys, values)"""
+    def decode(self, x, offsets, rope, visible, keys, values):
+        """One token per row x[B, 1, dim], row b at position offsets[b] (int32
+        array [B]): its key and value are written into rows 0..B-1 of the
+        fixed-size buffers keys/values [R >= B, kv_heads, capacity, head_dim]
+        at that position, and it attends to the positions `visible` (bool
+        [B, 1, 1, capacity]) marks. Heads-major is a reshape when L = 1.
+        `rope`: each row's rotation as a [B, 1, head_dim, head_dim] matrix
+        (Model.rope_matrix), with attention as an explicit GQA matmul pair:
+        fewer, larger ops than the CPU backend's composed mx.fast kernels,
+        since a CPU decode step is bound by their count. None: mx.fast.rope
+        and mx.fast.scaled_dot_product_attention, single kernels on a GPU.
+        -> (out, keys, values)"""
         B, n_q, n_kv, hd = x.shape[0], self.n_q, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).reshape(B, n_q + 2 * n_kv, 1, hd)
         q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is None:
-            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offset[0])
+            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offsets if B > 1 else offsets[0])
             q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
         else:
             q, k = q @ rope, k @ rope
-        keys = mx.slice_update(keys, k, offset, axes=(2,))
-        values = mx.slice_update(values, v, offset, axes=(2,))
+        if B == 1:  # one row (the single-sequence step): a slice update
+            keys = mx.slice_update(keys, k, offsets, axes=(2,))
+            values = mx.slice_update(values, v, offsets, axes=(2,))
+        else:  # each row at its own position: one scatter
+            rows = mx.arange(B)
+            keys[rows, :, offsets] = k[:, :, 0]
+            values[rows, :, offsets] = v[:, :, 0]
+        K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
         if rope is None:
-            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=hd**-0.5, mask=visible)
+            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=visible)
         else:
             # Query head h reads KV head h // (n_q / n_kv), as SDPA does.
             q = (q * hd**-0.5).reshape(B, n_kv, n_q // n_kv, hd)
-            scores = mx.where(visible, q @ keys.swapaxes(-1, -2), -mx.inf)
-            out = mx.softmax(scores, axis=-1, precise=True) @ values
+            scores = mx.where(visible, q @ K.swapaxes(-1, -2), -mx.inf)
+            out = mx.softmax(scores, axis=-1, precise=True) @ V
         return self.out_proj(out.reshape(B, 1, n_q * hd)), keys, values
 
 
@@ -114,8 +121,8 @@ class Block(nn.Module):
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 
-    def decode(self, x, offset, rope, visible, keys, values):
-        a, keys, values = self.attn.decode(self.attn_norm(x), offset, rope, visible, keys, values)
+    def decode(self, x, offsets, rope, visible, keys, values):
+        a, keys, values = self.attn.decode(self.attn_norm(x), offsets, rope, visible, keys, values)
         h = x + a
         return h + self.ffn(self.ffn_norm(h)), keys, values
 
@@ -161,40 +168,43 @@ class Model(nn.Module):
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)
 
-    def decode(self, token, offset, keys: list, values: list, fused_kernels: bool | None = None):
-        """The compiled step's forward (see the module docstring): token int32
-        [B, 1] at position offset (int32 array [1]), per-layer KV buffers of
-        one capacity that hold positions < offset. -> (logits [B, vocab],
-        keys, values) with this token's key and value written in.
-        fused_kernels: use mx.fast's RoPE and attention kernels (default:
-        on a GPU backend; see Attention.decode)."""
+    def decode(self, token, offsets, keys: list, values: list, fused_kernels: bool | None = None):
+        """The compiled steps' forward (see the module docstring): token int32
+        [B, 1], row b at position offsets[b] (int32 array [B]), per-layer KV
+        buffers of one capacity whose rows 0..B-1 hold positions < offsets
+        (more rows may follow: the batch engine's, left as they are). ->
+        (logits [B, vocab], keys, values) with these tokens' keys and values
+        written in. fused_kernels: use mx.fast's RoPE and attention kernels
+        (default: on a GPU backend; see Attention.decode)."""
         t = self.transformer
         if fused_kernels is None:
             fused_kernels = mx.default_device() != mx.cpu
-        visible = mx.arange(keys[0].shape[2]) <= offset
-        rope = None if fused_kernels else self.rope_matrix(offset)
+        B = token.shape[0]
+        visible = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None]).reshape(B, 1, 1, -1)
+        rope = None if fused_kernels else self.rope_matrix(offsets)[:, None]
         h = t.token_embeddings(token)
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
-            h, k, v = layer.decode(h, offset, rope, visible, k, v)
+            h, k, v = layer.decode(h, offsets, rope, visible, k, v)
             new_keys.append(k)
             new_values.append(v)
         return self.head(t.norm(h))[:, -1, :], new_keys, new_values
 
-    def rope_matrix(self, offset):
-        """R with x @ R == mx.fast.rope(x, offset=offset) (non-traditional,
-        every dimension rotated): built once per step and shared by all
-        layers. The angles are computed as MLX's rope does, bit for bit."""
+    def rope_matrix(self, offsets):
+        """R[b] with x @ R[b] == mx.fast.rope(x, offset=offsets[b]) (non-traditional,
+        every dimension rotated) -> [B, head_dim, head_dim]: built once per step and
+        shared by all layers. The angles are computed as MLX's rope does, bit for bit."""
         hd, half = self.config.head_dim, self.config.head_dim // 2
         inv_freq = mx.exp(-mx.arange(half, dtype=mx.float32) * (math.log(self.config.rope_freq_constant) / half))
-        angle = offset.astype(mx.float32) * inv_freq
+        angle = offsets.astype(mx.float32)[:, None] * inv_freq
         cos, sin = mx.cos(angle), mx.sin(angle)
         # x @ R: out[j] = x[j] cos - x[j + half] sin, out[j + half] = x[j + half] cos + x[j] sin.
         eye = np.eye(hd, dtype=np.float32)
         swap = np.zeros((hd, hd), np.float32)
         swap[np.arange(half) + half, np.arange(half)] = -1
         swap[np.arange(half), np.arange(half) + half] = 1
-        rope = mx.array(eye) * mx.concatenate([cos, cos]) + mx.array(swap) * mx.concatenate([sin, sin])
+        cos, sin = mx.concatenate([cos, cos], axis=-1)[:, None], mx.concatenate([sin, sin], axis=-1)[:, None]
+        rope = mx.array(eye) * cos + mx.array(swap) * sin
         return rope.astype(self.transformer.norm.weight.dtype)
 
     @property

@@ -9,9 +9,12 @@ buffers of elm_mlx/cache.py, the repetition penalty's seen-set), so MLX
 traces it once per cache capacity (a bucket of 256 positions), fuses its
 elementwise work, and replays the trace for every token: no Python graph
 building per token, ~1,400 nodes for that model (gpt-fast's design on MLX;
-Model.decode holds the step's forward). Prefill and
-speculative verification stay eager (Model.__call__), which is also the
-reference this step must equal (tests/test_step.py)."""
+Model.decode holds the step's forward). The batch engine's decode rows run
+the same forward over B rows at per-row offsets (`batch_forward`, one trace
+per capacity bucket and power-of-two B), with sampling per sequence outside
+it. Prefill and speculative verification stay eager (Model.__call__ and
+batch.forward); the eager forward is also the reference these steps must
+equal (tests/test_step.py, tests/test_batch.py)."""
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -57,6 +60,29 @@ def _trace(model, structure: tuple):
     return mx.compile(step)
 
 
+def _traced(model, name, build):
+    """The compiled function `name` of this model, built once and kept on the model (so later calls,
+    chat turns and server requests reuse it); all are dropped when its weights change, since the
+    traces hold the weights as constants. mx.compile traces again for each new input shape itself."""
+    weights = tuple(id(p) for _, p in tree_flatten(model.parameters()))
+    traces = model.__dict__.setdefault("_elm_decode_steps", {})
+    if traces.get("weights") != weights:  # new weights loaded: the old traces hold the old ones
+        traces.clear()
+        traces["weights"] = weights
+    if name not in traces:
+        traces[name] = build()
+    return traces[name]
+
+
+def batch_forward(model):
+    """The batch engine's compiled decode forward: (tokens int32 [B, 1], offsets int32 [B], keys,
+    values) -> (logits [B, vocab], keys, values), where keys/values are the BatchCache's per-layer
+    [rows >= B, kv heads, capacity, head_dim] buffers and row b decodes at position offsets[b].
+    One trace per (capacity bucket, B): the engine pads B to a power of two. Sampling stays per
+    sequence (sample.SequenceSampler: its own penalties, random key and constraint), outside."""
+    return _traced(model, "batch", lambda: mx.compile(model.decode))
+
+
 def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, constrained=False):
     """step(token [B] ids, cache, seen, key=None, allowed=None) -> (next ids [B], seen): one token
     through the compiled step; the cache (holding at least the prompt, from
@@ -68,14 +94,7 @@ def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_pe
     requests) reuse them."""
     structure = _structure(temp, top_k, top_p, min_p, repetition_penalty, constrained)
     knobs = _knobs(temp, top_p, min_p, repetition_penalty)
-    weights = tuple(id(p) for _, p in tree_flatten(model.parameters()))
-    traces = model.__dict__.setdefault("_elm_decode_steps", {})
-    if traces.get("weights") != weights:  # new weights loaded: the old traces hold the old ones
-        traces.clear()
-        traces["weights"] = weights
-    if structure not in traces:
-        traces[structure] = _trace(model, structure)
-    fn = traces[structure]
+    fn = _traced(model, structure, lambda: _trace(model, structure))
     placeholder, no_key = mx.array(False), mx.zeros((2,), mx.uint32)
 
     def step(token, cache, seen, key=None, allowed=None):
