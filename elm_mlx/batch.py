@@ -36,6 +36,8 @@ from .context import common_prefix
 from .errors import ElmError
 from .generate import check_context
 from .sample import SequenceSampler, log_softmax
+from .speculative import Verifier
+from .step import batch_forward
 
 MAX_TOP_LOGPROBS = 10  # OpenAI's limit
 
@@ -56,6 +58,7 @@ class Sequence:
     reused: int = 0  # prompt tokens found in a kept cache
     finish: str | None = None
     cancelled: str | None = None  # the finish reason cancel() was given
+    spec: Verifier | None = None  # speculative decoding (prompt lookup or a draft model), else None
 
 
 @dataclass
@@ -80,6 +83,7 @@ class BatchEngine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cache = BatchCache(model, max_batch)
+        self.compiled = batch_forward(model)  # looked up once: finding it walks the model's parameters
         # Per row: the ids it holds when no sequence runs in it (a finished one's, kept for prefix
         # reuse), and when it was last given up.
         self.kept: list[list[int]] = [[] for _ in range(max_batch)]
@@ -91,15 +95,25 @@ class BatchEngine:
     # ------------------------------------------------------------ requests
 
     def add(self, ids: list[int], max_tokens: int, *, eos_id: int | None = None, logprobs: int | None = None,
-            **sampling) -> Sequence:
-        """Queue a prompt; it starts at the next step with room. Sampling keywords as SequenceSampler's."""
+            proposer=None, **sampling) -> Sequence:
+        """Queue a prompt; it starts at the next step with room. Sampling keywords as SequenceSampler's.
+        proposer: speculative decoding's (speculative.make_proposer): its guesses are verified in
+        the batch's forward, and its tokens follow what plain decoding draws (greedy: the same)."""
         if not ids:
             raise ElmError("the prompt is empty: expected at least one token (BOS)")
         check_context(len(ids), self.window)
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ElmError(f"top_logprobs {logprobs}: expected 0 to {MAX_TOP_LOGPROBS}")
-        sampler = SequenceSampler(self.model.config.vocab_size, ids, **sampling)
-        seq = Sequence(next(self._ids), list(ids), min(max_tokens, self.window - len(ids)), sampler, logprobs, eos_id)
+        vocab, limit = self.model.config.vocab_size, min(max_tokens, self.window - len(ids))
+        sampler = SequenceSampler(vocab, ids, **sampling)
+        seq = Sequence(next(self._ids), list(ids), limit, sampler, logprobs, eos_id)
+        if proposer is not None:
+            if logprobs is not None or sampling.get("constraint") is not None:
+                raise ElmError("speculative decoding with logprobs or structured output is not supported")
+            seed = sampling.pop("seed", None)
+            key = mx.random.key(seed) if seed is not None and sampling.get("temp") else None
+            seq.spec = Verifier(vocab, ids, proposer, max_tokens=limit, key=key,
+                                **{k: v for k, v in sampling.items() if k != "constraint"})
         self.waiting.append(seq)
         self.totals["requests"] += 1
         return seq
@@ -124,16 +138,43 @@ class BatchEngine:
         sequence gets one token, and so does one whose prompt this step finished reading."""
         self._drop_cancelled()
         self._admit()
-        segments = [(s, [s.tokens[-1]]) for s in self.running if s.tokens and s.finish is None]
-        segments += self._prefill_chunks()
-        out = []
-        if segments:
-            wanted = [not s.todo for s, _ in segments]  # the prompt's last chunk, or a decode token
-            logits = forward(self.model, self.cache, [(s.row, ids) for s, ids in segments], wanted)
-            seqs = [s for (s, _), w in zip(segments, wanted) if w]
-            out = self._sample(seqs, [logits[i: i + 1] for i in range(len(seqs))])
+        decoding = [s for s in self.running if s.tokens and s.finish is None]
+        blocks = {s: s.spec.block() for s in decoding if s.spec is not None}
+        single = [s for s in decoding if s not in blocks or blocks[s].shape[0] == 1]
+        chunks = [(s, blocks[s].tolist()) for s in decoding if s in blocks and blocks[s].shape[0] > 1]
+        wanted = [len(ids) for _, ids in chunks]  # a speculative block: every position's logits
+        verified = len(chunks)
+        chunks += self._prefill_chunks()
+        wanted += [int(not s.todo) for s, _ in chunks[verified:]]  # a prompt's last chunk: its last position's
+        logits = {}
+        if single:  # one token each, through the compiled step
+            rows = decode(self.compiled, self.cache, {s.row: s.tokens[-1] for s in single})
+            logits.update((s, rows[s.row: s.row + 1]) for s in single)
+        if chunks:  # speculative blocks and prompt chunks, eager
+            read = forward(self.model, self.cache, [(s.row, ids) for s, ids in chunks], wanted)
+            at = list(itertools.accumulate(wanted, initial=0))
+            logits.update((s, read[i:j]) for (s, _), i, j in zip(chunks, at, at[1:]) if j > i)
+        out = self._sample([s for s in logits if s.spec is None], [v for s, v in logits.items() if s.spec is None])
+        for seq in [s for s in logits if s.spec is not None]:
+            out += self._speculate(seq, logits[seq])
         self.totals["steps"] += 1
         self._retire()
+        return out
+
+    def _speculate(self, seq: Sequence, logits) -> list[Token]:
+        """The tokens a speculative sequence's logits let through (its first, after the prompt; or
+        a verified block's), its row trimmed past the guesses rejected."""
+        if not seq.tokens:
+            tokens, drop = [seq.spec.first(logits)], 0
+        else:
+            tokens, drop = seq.spec.settle(logits)
+        self.cache.lengths[seq.row] -= drop
+        out = []
+        for token in tokens:
+            out.append(self._append(seq, token))
+            seq.spec.stats.tokens += 1
+            if seq.finish:  # the rest of the block is past a stop: the row's tail is never read
+                break
         return out
 
     def _drop_cancelled(self):
@@ -163,7 +204,9 @@ class BatchEngine:
         free = [r for r in range(self.max_batch) if r not in taken]
         # The last prompt token is always read again: its logits pick the first new token.
         common = {r: min(common_prefix(self.kept[r], ids), len(ids) - 1) for r in free}
-        row = max(free, key=lambda r: (common[r], -self.freed_at[r]))
+        # Ties go to the low rows (the compiled step runs rows 0..B-1, B a power of two), then to
+        # the row given up longest ago.
+        row = max(free, key=lambda r: (common[r], -batch_bucket(r + 1, self.max_batch), -self.freed_at[r]))
         return row, common[row]
 
     def _prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
@@ -200,21 +243,23 @@ class BatchEngine:
         for seq, y, e in zip(seqs, drawn, extra):
             token = y.item()
             seq.sampler.accept(token)
-            seq.tokens.append(token)
-            self.totals["generated_tokens"] += 1
-            t = Token(seq, token)
+            t = self._append(seq, token)
             if e is not None:
                 t.logprob = e[0].item()
                 if e[1] is not None:
                     pairs = sorted(zip(e[1].tolist(), e[2].tolist()), key=lambda p: -p[1])
                     t.top_logprobs = [(i, v) for i, v in pairs if v > -float("inf")]
-            if token == seq.eos_id:
-                seq.finish = "stop"
-            elif len(seq.tokens) >= seq.max_tokens:
-                seq.finish = "length"
-            t.finish = seq.finish
             out.append(t)
         return out
+
+    def _append(self, seq: Sequence, token: int) -> Token:
+        seq.tokens.append(token)
+        self.totals["generated_tokens"] += 1
+        if token == seq.eos_id:
+            seq.finish = "stop"
+        elif len(seq.tokens) >= seq.max_tokens:
+            seq.finish = "length"
+        return Token(seq, token, finish=seq.finish)
 
     def _retire(self):
         for seq in [s for s in self.running if s.finish is not None]:
@@ -237,31 +282,59 @@ class BatchCache:
     def __init__(self, model, rows: int):
         self.rows = rows
         self.lengths = [0] * rows
+        cfg = model.config
+        self.shapes = [(rows, n_kv, cfg.head_dim) for n_kv in cfg.num_kv_heads]
+        self.dtype = model.dtype
         self.keys = [None] * len(model.layers)
         self.values = [None] * len(model.layers)
 
-    def reserve(self, layer: int, like_keys, like_values, need: int):
-        """Room for `need` positions in this layer's buffers (shaped after the first keys seen)."""
-        k = self.keys[layer]
-        if k is not None and k.shape[2] >= need:
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def reserve(self, need: int):
+        """Room for `need` positions in every row of every layer (a whole number of steps)."""
+        if self.capacity >= need:
             return
-        T = -(-need // self.step) * self.step
-        new_k = mx.zeros((self.rows, like_keys.shape[1], T, like_keys.shape[3]), like_keys.dtype)
-        new_v = mx.zeros((self.rows, like_values.shape[1], T, like_values.shape[3]), like_values.dtype)
-        if k is not None:
-            old = k.shape[2]
-            new_k[:, :, :old] = k
-            new_v[:, :, :old] = self.values[layer]
-        self.keys[layer], self.values[layer] = new_k, new_v
+        T, old = -(-need // self.step) * self.step, self.capacity
+        for n, (rows, n_kv, hd) in enumerate(self.shapes):
+            for buffers in (self.keys, self.values):
+                grown = mx.zeros((rows, n_kv, T, hd), self.dtype)
+                if old:
+                    grown[:, :, :old] = buffers[n]
+                buffers[n] = grown
 
 
-def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wanted: list[bool]):
+def batch_bucket(n: int, rows: int) -> int:
+    """How many rows the compiled step runs for rows 0..n-1 in use: the next power of two (so a
+    handful of traces serve every batch), at most all rows."""
+    return min(1 << (n - 1).bit_length(), rows)
+
+
+def decode(compiled, cache: BatchCache, last: dict[int, int]) -> mx.array:
+    """One token for each row in `last` ({row: its last token}), through the compiled step
+    `compiled` (step.batch_forward's) over rows 0..B-1. A row in that range with nothing to decode is fed a
+    dummy token at its first free position, scratch by definition (a row's positions past its
+    length are never read), so its kept prefix is untouched. -> logits [B, vocab] by row."""
+    B = batch_bucket(max(last) + 1, cache.rows)
+    offsets = cache.lengths[:B]
+    cache.reserve(max(offsets) + 1)
+    tokens = mx.array([last.get(r, 0) for r in range(B)], mx.int32)[:, None]
+    logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32),
+                                                            cache.keys, cache.values)
+    for row in last:
+        cache.lengths[row] += 1
+    return logits
+
+
+def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wanted: list[int]):
     """One forward over several sequences: segments = [(cache row, new token ids)], one-token
     (decode) segments first. The new tokens are packed along one axis, so the weights are read
     once for all of them; attention runs per sequence over its own positions, with the calls
     the single-sequence path makes (RoPE at the sequence's offset; a causal mask for more than
-    one token). Returns logits[k, vocab] at the last position of each wanted segment (None when
-    none is wanted)."""
+    one token). wanted[i]: how many of segment i's last positions need logits (0; 1 for a decode
+    token or a prompt's last chunk; all of a speculative block). Returns those logits [n, vocab],
+    segment after segment (None when none is wanted)."""
     t = model.transformer
     h = t.token_embeddings(mx.array([i for _, ids in segments for i in ids])[None])
     bounds = list(itertools.accumulate([len(ids) for _, ids in segments], initial=0))
@@ -269,12 +342,13 @@ def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wan
     offsets = [cache.lengths[row] for row in rows]
     decoding = next((i for i, (_, ids) in enumerate(segments) if len(ids) > 1), len(segments))
     plan = (rows, offsets, bounds, decoding)
+    cache.reserve(max(o + len(ids) for o, (_, ids) in zip(offsets, segments)))
     for n, layer in enumerate(t.layers):
         h = h + _attention(layer.attn, layer.attn_norm(h), cache, n, plan)
         h = h + layer.ffn(layer.ffn_norm(h))
     for row, (_, ids) in zip(rows, segments):
         cache.lengths[row] += len(ids)
-    picks = [end - 1 for end, w in zip(bounds[1:], wanted) if w]
+    picks = [p for end, w in zip(bounds[1:], wanted) for p in range(end - int(w), end)]
     if not picks:  # only a prompt chunk that is not its prompt's last: no logits are wanted
         return None
     h = t.norm(h)
@@ -291,7 +365,6 @@ def _attention(attn, x, cache: BatchCache, layer: int, plan):
     if "q_norm" in attn:
         q, k = attn.q_norm(q), attn.k_norm(k)
     rope = dict(traditional=False, base=attn.rope_base, scale=1.0)
-    cache.reserve(layer, k, v, max(o + e - s for o, s, e in zip(offsets, bounds, bounds[1:])))
     K, V = cache.keys[layer], cache.values[layer]
     scale, outs = attn.head_dim**-0.5, []
     if D:  # one token each: RoPE and the cache writes for all of them at once

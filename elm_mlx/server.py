@@ -320,7 +320,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     chat: bool = True  # a chat reply drops the first piece's SentencePiece space; a completion keeps it
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: and the k most likely
-    speculation: dict = field(default_factory=dict)  # from read_speculation: run alone, not in the batch
+    speculation: dict = field(default_factory=dict)  # from read_speculation: verified inside the batch
     constraint: object = None  # structured output (elm_mlx/constrain.py): masks each token in the batch
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -437,14 +437,12 @@ class Worker:
         for job in jobs:
             if job.cancelled.is_set():  # its client left while it waited
                 continue
-            if job.speculation:
-                self._speculate(job)
-                continue
             try:
                 if job.constraint is not None:
                     job.constraint.vocab_size = self.model.config.vocab_size
                 job.seq = self.engine.add(job.ids, job.max_tokens, eos_id=self.tokenizer.eos_id,
-                                          logprobs=job.logprobs, constraint=job.constraint, **asdict(job.sampling))
+                                          logprobs=job.logprobs, constraint=job.constraint,
+                                          proposer=self._proposer(job), **asdict(job.sampling))
             except ElmError as e:
                 job.emit("error", str(e))
                 continue
@@ -453,40 +451,16 @@ class Worker:
             self.active[job.seq] = job
         return True
 
-    def _speculate(self, job: Job):
-        """A speculative request runs alone through stream_generate (its own cache), between
-        batch steps: the batch engine has no speculative path yet."""
-        from contextlib import closing
-
-        from .generate import stream_generate
+    def _proposer(self, job: Job):
+        """The speculative proposer a request asked for (read_speculation's keywords), or None."""
+        from .speculative import make_proposer
 
         spec = dict(job.speculation)
+        if not spec:
+            return None
         if spec.pop("use_draft", False):
             spec["draft_model"] = self.draft
-        stop, n, finish, last = StopText(job.stop), 0, None, None
-        try:
-            with closing(stream_generate(self.model, self.tokenizer, job.ids, job.max_tokens, sampling=job.sampling,
-                                         **spec)) as stream:
-                for last in stream:
-                    n += 1
-                    text, hit = stop.add(last.text)
-                    if last.finish_reason and not hit:
-                        text += stop.flush()
-                    if text:
-                        job.emit("token", (text, None))
-                    finish = "stop" if hit else last.finish_reason
-                    if finish or job.cancelled.is_set() or self.stopping:
-                        break
-        except Exception as e:  # a failed request never takes the worker down
-            log.exception("%s failed", job.name)
-            job.emit("error", f"generation failed: {e}")
-            return
-        done = dict(finish_reason=finish or "length", prompt_tokens=len(job.ids), completion_tokens=n)
-        if last is not None and last.acceptance_rate is not None:
-            done.update(acceptance_rate=last.acceptance_rate, tokens_per_forward=last.tokens_per_forward)
-        job.emit("done", done)
-        log.info("%s: %d prompt tokens, %d generated (speculative), finish: %s", job.name, len(job.ids), n,
-                 done["finish_reason"])
+        return make_proposer(self.model, repetition_penalty=job.sampling.repetition_penalty, **spec)
 
     def _deliver(self, job: Job, t):
         if job.first_at is None:
@@ -511,6 +485,9 @@ class Worker:
         seq, now = job.seq, time.perf_counter()
         n, finish = len(seq.tokens), seq.finish
         done = dict(finish_reason=finish, prompt_tokens=len(job.ids), completion_tokens=n)
+        if seq.spec is not None:
+            st = seq.spec.stats
+            done.update(acceptance_rate=st.acceptance_rate, tokens_per_forward=st.tokens_per_forward)
         if job.constraint is not None:
             done["mask_ms_per_token"] = round(job.constraint.mask_ms_per_token, 4)
             log.info("%s: structured output mask %.3f ms/token over %d tokens", job.name,

@@ -241,3 +241,94 @@ def test_packed_forward_logits_equal_the_float64_reference(arch):
     for row, seq in zip(logits, wholes):
         ref = reference_logits(weights, cfg, seq)[-1]
         assert np.abs(np.array(row) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+# ---------------------------------------------------------------- speculative sequences in the batch
+
+def lookup_prompts(n, seed):
+    """Prompts that repeat themselves, so prompt lookup finds guesses."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        phrase = rng.integers(3, 512, size=int(rng.integers(4, 9))).tolist()
+        out.append([1] + phrase * 4 + rng.integers(3, 512, size=3).tolist())
+    return out
+
+
+@pytest.mark.parametrize("proposer", ["lookup", "draft"])
+def test_speculative_sequences_decode_inside_the_batch_as_plain_greedy(model, proposer):
+    from elm_mlx.speculative import make_proposer
+
+    ps = lookup_prompts(3, seed=7) + prompts(3, seed=8)
+    engine = BatchEngine(model, max_batch=8)
+
+    def make():
+        if proposer == "lookup":
+            return make_proposer(model, prompt_lookup=4)
+        return make_proposer(model, draft_model=model, num_draft_tokens=3)
+
+    seqs = [engine.add(p, 14, proposer=make() if i % 2 == 0 else None) for i, p in enumerate(ps)]
+    run(engine)
+    for p, seq in zip(ps, seqs):
+        assert seq.tokens == alone(model, p, 14) and seq.finish == "length"
+    stats = [s.spec.stats for s in seqs if s.spec is not None]
+    assert all(st.tokens == 14 for st in stats)
+    assert sum(st.accepted for st in stats) > 0  # guesses were kept, so blocks really were verified
+    assert engine.stats()["generated_tokens"] == 6 * 14
+
+
+def test_a_speculative_sequence_stops_inside_a_block_and_its_row_is_reused(tied):
+    from elm_mlx.speculative import make_proposer
+
+    p = lookup_prompts(1, seed=9)[0]
+    plain = alone(tied, p, 20)
+    stop = next(i for i in range(6, 20) if plain[i] not in plain[:i]) + 1  # a token new at that point: "EOS"
+    engine = BatchEngine(tied, max_batch=2)
+    seq = engine.add(p, 20, eos_id=plain[stop - 1], proposer=make_proposer(tied, prompt_lookup=5))
+    run(engine)
+    assert seq.tokens == plain[:stop] and seq.finish == "stop"
+    assert seq.spec.stats.target_forwards < stop  # guesses were kept: fewer forwards than tokens
+    # the row keeps a consistent prefix: a follow-up continuing the text equals a fresh run
+    follow = p + seq.tokens + [5, 6]
+    seq2 = run(engine, {0: [(follow, 6, {})]})[0]
+    assert seq2.reused > len(p) and seq2.tokens == alone(tied, follow, 6)
+
+
+def test_seeded_speculative_sampling_in_the_batch_is_reproducible_beside_any_company(tied):
+    from elm_mlx.speculative import make_proposer
+
+    p = lookup_prompts(1, seed=10)[0]
+    s = dict(temp=0.8, seed=21)
+
+    def once(company):
+        engine = BatchEngine(tied, max_batch=4)
+        seq = engine.add(p, 16, proposer=make_proposer(tied, prompt_lookup=3), **s)
+        for q in prompts(company, seed=11):
+            engine.add(q, 10, temp=1.0, seed=5)
+        run(engine)
+        return seq.tokens
+
+    assert once(0) == once(3)
+
+
+def test_compiled_rows_across_capacity_and_batch_buckets_with_joins_leaves_and_reuse(model, monkeypatch):
+    # A capacity step of 8 positions makes every few tokens a new capacity bucket (a buffer grown
+    # and a new trace); rows join and leave so the compiled step runs 1, 2, 4 and 8 rows (B a
+    # power of two, hole rows fed scratch), and a row given up is reused by a prompt that
+    # continues what it holds. Every sequence still decodes what it decodes alone.
+    from elm_mlx.batch import BatchCache
+
+    monkeypatch.setattr(BatchCache, "step", 8)
+    ps = prompts(9, seed=21)
+    first = ps[0] + alone(model, ps[0], 5)
+    engine = BatchEngine(model, max_batch=8)
+    joins = {0: [(ps[0], 5, {})], 2: [(ps[1], 9, {})], 4: [(p, 7, {}) for p in ps[2:7]],
+             9: [(first + [7, 8], 6, {}), (ps[8], 11, {})]}
+    seqs = run(engine, joins, cancel={6: 3})
+    expected = [ps[0], ps[1], *ps[2:7], first + [7, 8], ps[8]]
+    for n, (p, seq) in enumerate(zip(expected, seqs)):
+        if n == 3:  # cancelled at step 6: what it got is a prefix of its run alone
+            assert seq.finish == "cancelled" and seq.tokens == alone(model, p, len(seq.tokens))
+        else:
+            assert seq.tokens == alone(model, p, seq.max_tokens), n
+    assert seqs[7].reused == len(first) - 1  # all it held: the prompt and 4 of its 5 tokens
