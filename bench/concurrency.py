@@ -1,6 +1,9 @@
 """Concurrent streams through the server's batch engine (elm_mlx/batch.py): aggregate
 tokens/s and per-stream latency for 1, 2, 4, 8 streams, beside mlx-lm's BatchGenerator on
 the same weight arrays, in one process, alternating engines after a warm-up of each.
+Then (unless --no-server) one greedy request to the real `elm-mlx serve` on the same weights
+(written to a temporary folder) beside `generate`'s engine for the same prompt and length:
+both timed from the request to the last token, so the server's HTTP and prefill are in.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python bench/concurrency.py 270M --tokens 32 --repeats 2
@@ -14,8 +17,14 @@ its value."""
 
 import argparse
 import json
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 
 import elm_mlx  # noqa: F401  (first: it binds an optimized BLAS before MLX loads)
 import mlx.core as mx
@@ -76,6 +85,99 @@ def run_mlx_lm(theirs, ids: list, tokens: int) -> list:
     return [(t0, times[u]) for u in uids]
 
 
+TOKENIZER = Path(__file__).resolve().parent.parent / "tests/data/llama2-tokenizer/tokenizer.model"
+
+
+def write_folder(model, folder: Path) -> Path:
+    """The bench model as a folder `elm-mlx serve` loads: config, weights, tokenizer."""
+    from mlx.utils import tree_flatten
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                       metadata={"format": "mlx"})
+    (folder / "tokenizer.model").write_bytes(TOKENIZER.read_bytes())
+    return folder
+
+
+def start_server(folder: Path, log: Path):
+    """(process, base URL) of `elm-mlx serve` on a free port, once it answers /health."""
+    exe = Path(sys.executable).with_name("elm-mlx")
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(exe), "serve", "-M", str(folder), "--dtype", "fp32", "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        found = re.search(r"on (http://127\.0\.0\.1:\d+)", log.read_text())
+        if proc.poll() is not None:
+            raise SystemExit(f"elm-mlx serve exited:\n{log.read_text()}")
+        if found:
+            try:
+                urllib.request.urlopen(found.group(1) + "/health", timeout=5).read()
+                return proc, found.group(1)
+            except OSError:
+                pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"elm-mlx serve did not come up:\n{log.read_text()}")
+
+
+def serve_once(url: str, ids: list, tokens: int) -> tuple[float, list]:
+    """(seconds from sending to the last byte, the completion's token count and text) of one
+    greedy, non-streamed /v1/completions request given token ids."""
+    model = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=30).read())["data"][0]["id"]
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
+    return time.perf_counter() - t0, [reply["usage"]["completion_tokens"], reply["choices"][0]["text"]]
+
+
+def generate_once(model, tok, ids: list, tokens: int) -> tuple[float, list]:
+    """The same through `generate`'s engine (generate_tokens: prefill, then the compiled step),
+    stopped at EOS as the server stops."""
+    from elm_mlx.generate import generate_tokens
+
+    out, t0 = [], time.perf_counter()
+    for t in generate_tokens(model, ids):
+        if t == tok.eos_id:
+            break
+        out.append(t)
+        if len(out) == tokens:
+            break
+    seconds = time.perf_counter() - t0
+    detok = tok.detokenizer(continuation=True)  # as the server writes a completion: leading space kept
+    text = "".join(detok.add_token(t) for t in out) + detok.finalize()
+    return seconds, [len(out) + (len(out) < tokens), text]
+
+
+def server_vs_generate(model, ids: list, tokens: int, repeats: int) -> dict:
+    from elm_mlx.tokenizer import Tokenizer
+
+    tok = Tokenizer(TOKENIZER)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_folder(model, Path(tmp) / "model")
+        proc, url = start_server(folder, Path(tmp) / "serve.log")
+        try:
+            serve_once(url, ids, 8), generate_once(model, tok, ids, 8)  # warm-up: traces, first buckets
+            rates = {"server": [], "generate": []}
+            outputs = {}
+            for r in range(repeats):
+                for name in (["server", "generate"] if r % 2 == 0 else ["generate", "server"]):
+                    seconds, out = serve_once(url, ids, tokens) if name == "server" else \
+                        generate_once(model, tok, ids, tokens)
+                    rates[name].append(out[0] / seconds)
+                    outputs[name] = out
+                    print(f"{name:8} {out[0]} tokens in {seconds:.2f} s: {out[0] / seconds:.1f} tok/s", flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"server_tps": med["server"], "generate_tps": med["generate"], "ratio": med["server"] / med["generate"],
+            "same_text": outputs["server"][1] == outputs["generate"][1], "tokens": outputs["server"][0],
+            "runs": rates}
+
+
 def summarize(runs: list) -> dict:
     first = min(ts[0] for _, ts in runs)
     last = max(ts[-1] for _, ts in runs)
@@ -98,6 +200,8 @@ def main():
     p.add_argument("--concurrency", default="1,2,4,8")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-compare", action="store_true", help="skip mlx-lm")
+    p.add_argument("--no-server", action="store_true", help="skip the server-vs-generate single stream")
+    p.add_argument("--server-tokens", type=int, default=120, help="tokens of the server-vs-generate request")
     p.add_argument("--json", help="write the runs here")
     args = p.parse_args()
     model, _ = load_bench_model(args.size, args.dtype, True, None)
@@ -135,12 +239,20 @@ def main():
             print(f"| {name} | {c} | {tps:.2f} | {tps / base[name][0]:.2f} | {cpu:.2f} | {cpu / base[name][1]:.2f} | "
                   f"{statistics.mean(r['ttft_s'] for r in rows):.2f} | "
                   f"{statistics.mean(r['ms_per_token'] for r in rows):.0f} |")
+    server = None
+    if not args.no_server:
+        print()
+        server = server_vs_generate(model, prompts(1, args.prompt_tokens, vocab, 7)[0], args.server_tokens,
+                                    max(3, args.repeats + 1))
+        print(f"\none greedy stream, {server['tokens']} tokens, HTTP and prefill included: elm-mlx serve "
+              f"{server['server_tps']:.1f} tok/s, generate {server['generate_tps']:.1f} tok/s: "
+              f"**{server['ratio']:.2f}x**; same text: {server['same_text']}")
     env = environment()
     print(f"\n{args.size} fp32 random weights, {args.prompt_tokens}-token prompts, {args.tokens} tokens per stream, "
           f"{args.repeats} runs each; {env}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "runs": results}, f, indent=1)
+            json.dump({"environment": env, "runs": results, "server_vs_generate": server}, f, indent=1)
 
 
 if __name__ == "__main__":
