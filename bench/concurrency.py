@@ -126,7 +126,10 @@ def serve_once(url: str, ids: list, tokens: int) -> tuple[float, list]:
     """(seconds from sending to the last byte, the completion's token count and text) of one
     greedy, non-streamed /v1/completions request given token ids."""
     model = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=30).read())["data"][0]["id"]
-    body = json.dumps({"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0}).encode()
+    # Plain greedy, as generate_tokens decodes: serve's defaults for requests that leave them out
+    # (repetition_penalty 1.2, top_p 0.9) would change the text.
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": tokens, "temperature": 0, "top_p": 1.0,
+                       "repetition_penalty": 1.0}).encode()
     req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
     reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
