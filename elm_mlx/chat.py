@@ -104,7 +104,7 @@ class Chat:
             self.persist()
 
     def reset(self):
-        self.messages, self.dropped = [], 0
+        self.messages, self.dropped, self.last = [], 0, None  # /stats speaks of this conversation only
 
     def save(self, path: Path):
         """Atomic: a failed save (full disk, no permission) leaves the previous file whole."""
@@ -124,7 +124,7 @@ class Chat:
         check_messages(messages, where)
         self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         self.messages = [dict(m) for m in messages if m["role"] != "system"]
-        self.dropped = 0
+        self.dropped, self.last = 0, None
 
     def stats(self) -> str:
         turns = sum(m["role"] == "user" for m in self.messages)

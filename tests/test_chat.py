@@ -175,13 +175,15 @@ def test_repl_keeps_history_and_resets(folder, tmp_path):
     child = spawn(folder, "-m", "8")
     command(child, "Hello there")
     command(child, "How are you?")
-    assert "2 turns in history" in command(child, "/stats")
+    stats = command(child, "/stats")
+    assert "2 turns in history" in stats and "last reply:" in stats
     command(child, f"/save {tmp_path / 'a.json'}")
     saved = json.loads((tmp_path / "a.json").read_text())
     assert [m["role"] for m in saved] == ["user", "assistant"] * 2
     assert [saved[0]["content"], saved[2]["content"]] == ["Hello there", "How are you?"]
     assert "(conversation cleared)" in command(child, "/reset")
-    assert "0 turns in history" in command(child, "/stats")
+    stats = command(child, "/stats")  # the reply before /reset is not "the last reply" of this conversation
+    assert "0 turns in history" in stats and "last reply:" not in stats
     command(child, f"/load {tmp_path / 'a.json'}")
     assert "2 turns in history" in command(child, "/stats")
     command(child, "/system Answer in French.")
