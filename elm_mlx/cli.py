@@ -291,6 +291,8 @@ def generate(
     json_schema: JsonSchemaOpt = None,
     grammar: GrammarOpt = None,
     regex: RegexOpt = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at EOS: generate exactly "
+                                             "-m tokens (for benchmarks; as llama.cpp's).")] = False,
     *, choice: ModelChoice, sampling, speculation,
 ):
     """Continue a prompt, streaming the text to stdout and the speed to stderr.
@@ -319,9 +321,10 @@ def generate(
         context, ident, _ = cache_file.open_cache(prompt_cache, choice.model, choice.dtype, choice.tokenizer, model, tok,
                                                   compile=not no_compile)
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        stream = context.stream(tok, ids, max_tokens, sampling=sampling, **spec)
+        stream = context.stream(tok, ids, max_tokens, sampling=sampling, ignore_eos=ignore_eos, **spec)
     else:
-        stream = stream_generate(model, tok, prompt, max_tokens, sampling=sampling, compile=not no_compile, **spec)
+        stream = stream_generate(model, tok, prompt, max_tokens, sampling=sampling, compile=not no_compile,
+                                 ignore_eos=ignore_eos, **spec)
     last, interrupted = None, False
     try:
         for last in stream:

@@ -112,7 +112,8 @@ def generate_tokens(model, prompt_ids: list, *, temp=0.0, top_k=0, top_p=1.0, mi
 def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=None, context=(),
                     sampling: SamplingParams | None = None, compile: bool = True, prompt_lookup: int = 0,
                     ngram: int = DEFAULT_NGRAM, draft_model=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-                    constraint=None, json_schema=None, grammar=None, regex=None, **sampling_args):
+                    constraint=None, json_schema=None, grammar=None, regex=None, ignore_eos: bool = False,
+                    **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
@@ -122,6 +123,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     repetition penalty then sees this prompt, its output and `context` (pass
     the ids the cache holds to penalize them too). compile=False decodes
     with the eager forward (the reference; see generate_tokens).
+    ignore_eos=True: EOS does not stop it (it is generated as any token, and
+    prints nothing): exactly max_tokens, as llama.cpp's --ignore-eos.
 
     Speculative decoding (elm_mlx/speculative.py; same output, greedy token for
     token): `prompt_lookup=N` guesses N tokens by matching the last `ngram`
@@ -143,6 +146,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     if constraint is not None and (prompt_lookup or draft_model is not None):
         raise ElmError("structured output and speculative decoding together are not supported yet: "
                        "drop --prompt-lookup / --draft-model")
+    if constraint is not None and ignore_eos:
+        raise ElmError("structured output ends at EOS once the format is complete: drop --ignore-eos")
     check_options(prompt_lookup, ngram, draft_model, num_draft_tokens, model)
     max_tokens = check_max_tokens(max_tokens)
     window = model.config.max_context_length
@@ -171,7 +176,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
             first, prompt_tps = now, len(ids) / (now - tic)
         else:
             gen_tps = (n - 1) / (now - first)
-        finish = "stop" if token == tokenizer.eos_id else "length" if n == max_tokens else None
+        finish = "stop" if token == tokenizer.eos_id and not ignore_eos else "length" if n == max_tokens else None
         text = detok.finalize() if finish == "stop" else detok.add_token(token)
         if finish == "length":
             text += detok.finalize()

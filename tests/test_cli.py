@@ -39,6 +39,17 @@ def test_generate_streams_text_to_stdout_and_stats_to_stderr(with_tokenizer):
     assert "prompt: 5 tokens" in r.stderr and "generation: 12 tokens" in r.stderr and "peak memory" in r.stderr
 
 
+def test_generate_ignore_eos_reaches_the_loop_and_refuses_a_format(with_tokenizer):
+    # (stream_generate's own test shows EOS is passed over; here: the flag is wired, and refused
+    # with structured output, which ends at EOS.)
+    base = ["generate", "-M", str(with_tokenizer), "Once upon a time", "-m", "12", "--dtype", "fp32", "--ignore-eos"]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0, r.stderr
+    assert "generation: 12 tokens" in r.stderr
+    r = runner.invoke(app, base + ["--regex", "[ab]+"])
+    assert r.exit_code == 2 and "drop --ignore-eos" in r.stderr
+
+
 def test_no_compile_decodes_the_same_text_with_the_eager_forward(with_tokenizer, monkeypatch):
     args = ["generate", "-M", str(with_tokenizer), "Once upon a time", "-m", "16", "--temp", "0.8", "--top-p", "0.9",
             "--seed", "3", "--repetition-penalty", "1.2"]

@@ -93,6 +93,15 @@ def test_stops_at_eos_without_printing_it(model, tok, llama_tokenizer):
     assert "".join(r.text for r in responses) == tok.decode(tok.encode(PROMPT) + greedy[:stop])[len(PROMPT):]
 
 
+def test_ignore_eos_generates_exactly_max_tokens(model, tok, llama_tokenizer):
+    greedy = tokens_of(model, tok, PROMPT, 12)
+    fake = EosAt(llama_tokenizer, greedy[2])
+    responses = list(stream_generate(model, fake, PROMPT, 12, ignore_eos=True))
+    assert [r.token for r in responses] == greedy and responses[-1].finish_reason == "length"
+    with pytest.raises(ElmError, match="--ignore-eos"):
+        list(stream_generate(model, fake, PROMPT, 12, ignore_eos=True, regex="[ab]+"))
+
+
 def test_prompt_as_ids_and_empty_prompt(model, tok):
     assert tokens_of(model, tok, tok.encode(PROMPT), 5) == tokens_of(model, tok, PROMPT, 5)
     text = generate(model, tok, "", 5)  # BOS only: no leading space to keep
