@@ -9,6 +9,7 @@ ELM_MLX_DEBUG=1) shows the traceback behind any of them."""
 
 import inspect
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -256,6 +257,20 @@ def read_stdin() -> str:
     return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
 
 
+def one_prompt(argument: str | None, option: str | None) -> str:
+    """The prompt from the argument or --prompt (exactly one); '-' reads standard input."""
+    if (argument is None) == (option is None):
+        raise ElmError("give the prompt once: as the argument or with --prompt/-p ('-' reads standard input)"
+                       if argument is None else "the prompt is given twice (argument and --prompt): give one")
+    prompt = argument if option is None else option
+    return read_stdin() if prompt == "-" else prompt
+
+
+def unescape(text: str) -> str:
+    """A shell cannot type a newline easily: \\n, \\t and \\\\ in a --stop string are a newline, a tab, a backslash."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
 JsonSchemaOpt = Annotated[Optional[str], typer.Option("--json-schema", help="Structured output: the text is "
                           "an instance of this JSON Schema (a file, or the JSON itself).")]
 GrammarOpt = Annotated[Optional[Path], typer.Option("--grammar", help="Structured output: a Lark grammar file.")]
@@ -276,14 +291,23 @@ def structured_kwargs(json_schema: str | None, grammar: Path | None, regex: str 
     return given
 
 
-@app.command()
+@app.command(short_help="Continue a prompt, streaming the text.")
 @user_errors
 @speculation_options
 @sampling_options()
 @model_options
 def generate(
-    prompt: Annotated[str, typer.Argument(help="Text to continue ('-' reads standard input, less one trailing newline: "
-                                             "echo's, so `echo text | ... -` equals `... text`). BOS is prepended.")],
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="Text to continue ('-' reads standard input, less one trailing newline: echo's, so "
+        "`echo text | ... -` equals `... text`). BOS is prepended. Or give it with --prompt.")] = None,
+    prompt_option: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", help="The prompt, as mlx_lm.generate takes it (the same as the argument).")] = None,
+    system_prompt: Annotated[Optional[str], typer.Option(
+        "--system-prompt", "--system", help="A system message before the prompt, in the chat template "
+        "(-Instruct models; a base model has no template: put instructions in the prompt).")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(
+        "--stop", help="Stop where this text appears, leaving it out (repeat for several; \\n and \\t are a "
+        "newline and a tab).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=0,
                                             help="Most tokens to generate; stops earlier at EOS.")] = 256,
     prompt_cache: PromptCacheOpt = None,
@@ -300,10 +324,13 @@ def generate(
     from . import stream_generate
     from .generate import stats_line
 
-    if prompt == "-":
-        prompt = read_stdin()
+    prompt = one_prompt(prompt, prompt_option)
+    stops = [unescape(s) for s in stop or []]
     no_cache_with_adapter(prompt_cache, choice)
     model, tok = choice.load()
+    if system_prompt is not None and tok.chat_template is None:
+        raise ElmError(f"--system-prompt: {choice.model} has no chat template (a base model, or "
+                       "--no-chat-template): put the instructions in the prompt, or use an -Instruct model")
     spec = speculation.generate_kwargs(model, tok, choice.dtype, choice.tokenizer)
     structured = structured_kwargs(json_schema, grammar, regex)
     if structured and (prompt_cache is not None or spec.get("prompt_lookup") or spec.get("draft_model")):
@@ -313,7 +340,8 @@ def generate(
     if tok.chat_template is not None:
         typer.echo(f"(chat template {tok.chat_template.origin}; --no-chat-template sends the prompt as it is)",
                    err=True)
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+        system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        prompt = tok.apply_chat_template(system + [{"role": "user", "content": prompt}])
     context = None
     if prompt_cache is not None:
         from . import prompt_cache as cache_file
@@ -321,10 +349,10 @@ def generate(
         context, ident, _ = cache_file.open_cache(prompt_cache, choice.model, choice.dtype, choice.tokenizer, model, tok,
                                                   compile=not no_compile)
         ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        stream = context.stream(tok, ids, max_tokens, sampling=sampling, ignore_eos=ignore_eos, **spec)
+        stream = context.stream(tok, ids, max_tokens, sampling=sampling, ignore_eos=ignore_eos, stop=stops, **spec)
     else:
         stream = stream_generate(model, tok, prompt, max_tokens, sampling=sampling, compile=not no_compile,
-                                 ignore_eos=ignore_eos, **spec)
+                                 ignore_eos=ignore_eos, stop=stops, **spec)
     last, interrupted = None, False
     try:
         for last in stream:
@@ -353,7 +381,7 @@ def generate(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@app.command()
+@app.command(short_help="Convert checkpoints into an MLX folder.")
 @user_errors
 def convert(
     src: Annotated[list[str], typer.Argument(
@@ -398,14 +426,14 @@ def convert(
         config=config, report=report)
 
 
-@app.command()
+@app.command(short_help="Talk with a model in the terminal.")
 @user_errors
 @speculation_options
 @sampling_options(temp=0.7, top_p=0.9, repetition_penalty=1.2)
 @model_options
 def chat(
     system: Annotated[Optional[str], typer.Option(
-        help="System prompt (change it in the chat with /system TEXT).")] = None,
+        "--system", "--system-prompt", help="System prompt (change it in the chat with /system TEXT).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", min=1,
                                             help="Most tokens per reply; stops earlier at EOS.")] = 512,
     prompt_cache: PromptCacheOpt = None,
@@ -436,7 +464,7 @@ def chat(
     repl(chat_, title)
 
 
-@app.command()
+@app.command(short_help="Serve an OpenAI-compatible HTTP API.")
 @user_errors
 @speculation_options
 @sampling_options(temp=0.7, top_p=0.9, repetition_penalty=1.2)
@@ -478,7 +506,7 @@ def serve(
         adapter_path=choice.adapter_path)
 
 
-@app.command()
+@app.command(short_help="Measure tok/s, memory and bandwidth.")
 @user_errors
 @speculation_options
 def bench(
@@ -534,7 +562,7 @@ def import_evaluate():
     return evaluate
 
 
-@app.command("eval")
+@app.command("eval", short_help="Score a model with lm-evaluation-harness.")
 @user_errors
 def eval_(
     model: ModelOpt,
@@ -574,7 +602,7 @@ def eval_(
                       adapter_path=adapter_path, say=lambda text: typer.echo(text, err=output == "-"))
 
 
-@app.command()
+@app.command(short_help="Perplexity of a text file.")
 @user_errors
 def perplexity(
     file: Annotated[Path, typer.Argument(help="A UTF-8 text file; BOS is prepended.")],
@@ -599,7 +627,7 @@ def perplexity(
                        tokenizer=tokenizer, adapter_path=adapter_path, say=typer.echo)
 
 
-@app.command()
+@app.command(short_help="List the presets, and what is cached.")
 def models():
     """List the presets: hub id, parameters, layers and memory."""
     from .config import models_table
@@ -612,7 +640,7 @@ def _opt(help, *names, **kw):
     return typer.Option(*names, help=help, **kw)
 
 
-@app.command()
+@app.command(short_help="Fine-tune a LoRA or DoRA adapter.")
 @user_errors
 def lora(
     model: ModelOpt,
@@ -691,7 +719,7 @@ def lora(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-@app.command()
+@app.command(short_help="Fold an adapter into the model's weights.")
 @user_errors
 def fuse(
     model: ModelOpt,
@@ -754,3 +782,33 @@ def main():
         sys.stderr.write("\ninterrupted\n")
         code = EXIT_INTERRUPTED
     blas.exit_process(code)  # never through native destructors: they can hang or crash (elm_mlx/blas.py)
+
+
+def name_metavars(typer_app) -> None:
+    """Help shows TEXT / N / X / PATH for option values (typer's own are <str>, <int range>,
+    <list[str]>) and a single argument's name in capitals; choices keep their list."""
+    import types
+    from typing import Union, get_args, get_origin
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    names = {str: "TEXT", int: "N", float: "X", Path: "PATH"}
+    for command in typer_app.registered_commands:
+        for param in inspect.signature(command.callback).parameters.values():
+            if get_origin(param.annotation) is not Annotated:
+                continue
+            kind, *extras = get_args(param.annotation)
+            info = next((e for e in extras if isinstance(e, (OptionInfo, ArgumentInfo))), None)
+            if get_origin(kind) in (Union, types.UnionType):  # Optional[X]
+                kind = next(a for a in get_args(kind) if a is not type(None))
+            many = get_origin(kind) is list
+            kind = get_args(kind)[0] if many else kind
+            if info is None or info.metavar is not None or kind not in names:
+                continue
+            if isinstance(info, OptionInfo):
+                info.metavar = names[kind]
+            elif not many:  # (a list argument's metavar would print as {SRC}...)
+                info.metavar = param.name.upper()
+
+
+name_metavars(app)

@@ -113,7 +113,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
                     sampling: SamplingParams | None = None, compile: bool = True, prompt_lookup: int = 0,
                     ngram: int = DEFAULT_NGRAM, draft_model=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
                     constraint=None, json_schema=None, grammar=None, regex=None, ignore_eos: bool = False,
-                    **sampling_args):
+                    stop: list[str] | str | None = None, **sampling_args):
     """Yields a GenerationResponse per generated token; the last one has
     finish_reason set. `prompt` is text (BOS is added) or a list of ids.
     Sampling: `sampling=SamplingParams(...)`, or its fields as keywords
@@ -125,6 +125,9 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     with the eager forward (the reference; see generate_tokens).
     ignore_eos=True: EOS does not stop it (it is generated as any token, and
     prints nothing): exactly max_tokens, as llama.cpp's --ignore-eos.
+    stop=["\n\n", ...]: text stop strings, as the server's "stop": generation ends
+    where one first appears, which is cut off with what follows it (finish_reason
+    "stop"); text that may begin one is held back until it is told apart.
 
     Speculative decoding (elm_mlx/speculative.py; same output, greedy token for
     token): `prompt_lookup=N` guesses N tokens by matching the last `ngram`
@@ -149,6 +152,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     if constraint is not None and ignore_eos:
         raise ElmError("structured output ends at EOS once the format is complete: drop --ignore-eos")
     check_options(prompt_lookup, ngram, draft_model, num_draft_tokens, model)
+    stop_text = StopText(check_stops(stop)) if stop else None
     max_tokens = check_max_tokens(max_tokens)
     window = model.config.max_context_length
     cached = cache[0].offset if cache else 0
@@ -180,11 +184,47 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
         text = detok.finalize() if finish == "stop" else detok.add_token(token)
         if finish == "length":
             text += detok.finalize()
+        if stop_text is not None:
+            text, hit = stop_text.add(text)
+            if hit:
+                finish = "stop"
+            elif finish:
+                text += stop_text.flush()
         spec = (stats.acceptance_rate, stats.tokens_per_forward) if stats else (None, None)
         yield GenerationResponse(text, token, len(ids), n, prompt_tps, gen_tps,
                                  mx.get_peak_memory() / 1e9, finish, *spec)
         if finish:
             break
+
+
+def check_stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise ElmError(f"stop strings must be non-empty text, not {stops!r}")
+    return stops
+
+
+class StopText:
+    """Cuts streamed text at the first stop string; holds back a tail that may begin one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.pending = ""
+
+    def add(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.pending = self.pending[: min(found)], ""
+            return out, True
+        held = next((k for k in range(len(self.pending), 0, -1)
+                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
+        out, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, *, verbose: bool = False, **kwargs) -> str:

@@ -40,7 +40,7 @@ from starlette.routing import Route
 from .batch import MAX_TOP_LOGPROBS, BatchEngine
 from .chat_template import ChatTemplate, chat_ids
 from .errors import ArgumentError, ElmError
-from .generate import ContextError, check_context
+from .generate import ContextError, StopText, check_context
 from .sample import SamplingParams
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's handler and format
@@ -286,29 +286,6 @@ def read_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- generation
-
-class StopText:
-    """Cuts streamed text at the first stop string; holds back a tail that may begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def add(self, text: str) -> tuple[str, bool]:
-        self.pending += text
-        found = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if found:
-            out, self.pending = self.pending[: min(found)], ""
-            return out, True
-        held = next((k for k in range(len(self.pending), 0, -1)
-                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
-        out, self.pending = self.pending[: len(self.pending) - held], self.pending[len(self.pending) - held:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
 
 @dataclass(eq=False)
 class Job:

@@ -50,6 +50,44 @@ def test_generate_ignore_eos_reaches_the_loop_and_refuses_a_format(with_tokenize
     assert r.exit_code == 2 and "drop --ignore-eos" in r.stderr
 
 
+def test_generate_takes_mlx_lm_style_prompt_and_stop_flags(with_tokenizer):
+    base = ["generate", "-M", str(with_tokenizer), "-m", "16", "--dtype", "fp32"]
+    positional = runner.invoke(app, base + ["Once upon a time"])
+    option = runner.invoke(app, base + ["--prompt", "Once upon a time"])
+    assert positional.exit_code == option.exit_code == 0, option.stderr
+    assert option.stdout == positional.stdout
+    text = positional.stdout[:-1]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = runner.invoke(app, base + ["-p", "Once upon a time", "--stop", stop, "--stop", "\\nnever"])
+    assert cut.exit_code == 0, cut.stderr
+    assert cut.stdout == text[: text.find(stop)] + "\n" and "generation: 16 tokens" not in cut.stderr
+    for argv, message in [(base, "give the prompt once"), (base + ["a", "-p", "b"], "given twice"),
+                          (base + ["a", "--system-prompt", "Be brief."], "--system-prompt: ")]:
+        r = runner.invoke(app, argv)
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_system_prompt_goes_before_the_message_in_the_chat_template(with_tokenizer, tmp_path):
+    from elm_mlx.chat_template import ChatTemplate
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    args = ["generate", "-M", str(with_tokenizer), "-m", "6", "--dtype", "fp32", "--chat-template", str(template)]
+    r = runner.invoke(app, args + ["--system-prompt", "Be brief.", "Hi"])
+    assert r.exit_code == 0, r.stderr
+    model, tok = load(with_tokenizer, dtype="fp32")
+    tok.chat_template = ChatTemplate(template.read_text(), str(template))
+    ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert tok.decode(ids) == "<system>Be brief.<user>Hi<assistant>"
+    assert r.stdout == generate(model, tok, ids, 6) + "\n"
+
+
+def test_stop_escapes():
+    from elm_mlx.cli import unescape
+
+    assert unescape("a\\nb\\tc\\\\n") == "a\nb\tc\\n" and unescape("plain") == "plain"
+
+
 def test_no_compile_decodes_the_same_text_with_the_eager_forward(with_tokenizer, monkeypatch):
     args = ["generate", "-M", str(with_tokenizer), "Once upon a time", "-m", "16", "--temp", "0.8", "--top-p", "0.9",
             "--seed", "3", "--repetition-penalty", "1.2"]
@@ -171,9 +209,32 @@ def test_help_at_80_columns_shows_every_flag_whole(command):
                 assert flag in r.stdout, flag
 
 
+def test_top_level_help_at_80_columns_cuts_no_command_description():
+    r = runner.invoke(app, ["-h"], env={"COLUMNS": "80"}, terminal_width=80)
+    listed = r.stdout.split("Commands:")[1].strip().splitlines()
+    assert r.exit_code == 0 and len(listed) == len(typer_command().commands)
+    assert all(not line.rstrip().endswith(("...", "\u2026")) for line in listed), listed
+
+
+def typer_command():
+    import typer.main
+
+    return typer.main.get_command(app)
+
+
+@pytest.mark.parametrize("command", sorted(typer_command().commands))
+def test_option_values_are_named_as_click_names_them(command):
+    """TEXT, N, X, PATH (or the choices), not typer's <str>, <int range>, <list[str]>."""
+    r = runner.invoke(app, [command, "-h"], env={"COLUMNS": "100"}, terminal_width=100)
+    options = r.stdout.split("Options:")[1]
+    assert r.exit_code == 0
+    for typed in ["<str>", "<int", "<float", "<path>", "<list["]:
+        assert typed not in options, (command, typed)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["generate", "--bogus", "x"], "No such option: --bogus"),
-    (["generate"], "Missing argument 'prompt'"),
+    (["generate"], "Missing option '--model'"),
     (["bogus"], "No such command 'bogus'"),
     (["generate", "-m", "-3", "hi"], "Invalid value for '--max-tokens'"),
 ])

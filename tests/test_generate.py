@@ -102,6 +102,22 @@ def test_ignore_eos_generates_exactly_max_tokens(model, tok, llama_tokenizer):
         list(stream_generate(model, fake, PROMPT, 12, ignore_eos=True, regex="[ab]+"))
 
 
+def test_stop_strings_cut_the_text_where_one_first_appears(model, tok):
+    full = generate(model, tok, PROMPT, 24)
+    # a stop string spanning a token boundary, and one that never appears
+    stop = full[len(full) // 3: len(full) // 3 + 4]
+    assert stop.strip() and full.find(stop) >= 1
+    responses = list(stream_generate(model, tok, PROMPT, 24, stop=[stop, "never in this text \u2047"]))
+    assert "".join(r.text for r in responses) == full[: full.find(stop)]
+    assert responses[-1].finish_reason == "stop" and len(responses) < 24
+    # held-back text that turned out not to begin a stop string is flushed at the end
+    tail = full[-3:] + "\u2047"  # begins with the text's last characters, never completed
+    responses = list(stream_generate(model, tok, PROMPT, 24, stop=tail))
+    assert "".join(r.text for r in responses) == full and responses[-1].finish_reason == "length"
+    with pytest.raises(ElmError, match="stop strings"):
+        list(stream_generate(model, tok, PROMPT, 4, stop=[""]))
+
+
 def test_prompt_as_ids_and_empty_prompt(model, tok):
     assert tokens_of(model, tok, tok.encode(PROMPT), 5) == tokens_of(model, tok, PROMPT, 5)
     text = generate(model, tok, "", 5)  # BOS only: no leading space to keep
