@@ -104,6 +104,14 @@ def locate(name: str, arg: str = "model", flag: str = "--model") -> tuple[Path, 
     return download(repo), repo
 
 
+def default_cache_dtype() -> str:
+    """The dtype a preset is converted to when none is asked for: the one the backend computes
+    in (load.compute_dtype), so nothing is rounded to bf16 only to be widened again on the CPU."""
+    from .load import cpu_backend  # (imported here: load imports this module)
+
+    return "fp32" if cpu_backend() else "bf16"
+
+
 def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -> Path:
     path = Path(name).expanduser()
     if path.exists():
@@ -111,7 +119,7 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
             raise ElmError(f"--model {name}: a model is a folder (config.json + safetensors), not a file")
         return path
     # Parsed before a download of gigabytes; one cache entry per dtype, whatever its spelling.
-    dtype = dtype_name(parse_dtype(dtype or "bf16"))
+    dtype = dtype_name(parse_dtype(dtype or default_cache_dtype()))
     snapshot, repo = locate(name)
     target = cache_root() / repo.replace("/", "--") / f"{snapshot.name[:12]}-{dtype}"
     if not target.exists():

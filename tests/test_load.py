@@ -13,6 +13,7 @@ working model need the real tokenizer and skip without it.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import elm_mlx.convert
@@ -348,7 +349,8 @@ def test_preset_from_hub_converted_once(hub, monkeypatch):
     assert isinstance(tok, Tokenizer) and tok.vocab_size == 32000
     assert param_dtypes(model) == {mx.float32}  # the default on the CPU backend...
     [entry] = _converted(elm)
-    assert json.loads((entry / "config.json").read_text())["torch_dtype"] == "bfloat16"  # ...of a bf16 copy
+    # ...of an fp32 copy: cached in what the CPU computes in, not rounded to bf16 and widened again
+    assert json.loads((entry / "config.json").read_text())["torch_dtype"] == "float32"
     assert {p.name for p in entry.iterdir()} == {"model.safetensors", "config.json", "tokenizer.model"}
     assert not [p for p in elm.rglob("*") if "partial" in p.name]
     first = logits(model)
@@ -362,13 +364,22 @@ def test_preset_from_hub_converted_once(hub, monkeypatch):
     assert _converted(elm) == [entry]
     assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == mtimes
     assert np.array_equal(logits(model), first)
-    ref = reference_logits(weights, cfg, TOKENS)
-    assert max_err(first, ref) <= BF16_REL_BOUND * np.abs(ref).max()
+    assert max_err(first, reference_logits(weights, cfg, TOKENS)) <= TOL
+
+
+def test_preset_is_cached_in_bf16_where_the_backend_computes_in_it(hub, monkeypatch):
+    monkeypatch.setattr(sys.modules["elm_mlx.load"], "cpu_backend", lambda: False)  # as on a Mac's GPU
+    model, _ = elm_mlx.load("270M")
+    [entry] = _converted(hub["elm"])
+    assert json.loads((entry / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert param_dtypes(model) == {mx.bfloat16}
+    ref = reference_logits(hub["weights"], hub["cfg"], TOKENS)
+    assert max_err(logits(model), ref) <= BF16_REL_BOUND * np.abs(ref).max()
 
 
 def test_hub_id_fp32_separate_entry(hub, monkeypatch):
     cfg, weights, elm = hub["cfg"], hub["weights"], hub["elm"]
-    elm_mlx.load("270M")
+    elm_mlx.load("270M", dtype="bf16")
     model, _ = elm_mlx.load("apple/OpenELM-270M", dtype="fp32")
     assert param_dtypes(model) == {mx.float32}
     entries = _converted(elm)
@@ -384,7 +395,7 @@ def test_hub_id_fp32_separate_entry(hub, monkeypatch):
 
 
 def test_dtype_spellings_share_one_entry(hub, monkeypatch):
-    elm_mlx.load("270M")
+    elm_mlx.load("270M", dtype="bf16")
     [entry] = _converted(hub["elm"])
     monkeypatch.setattr(elm_mlx.convert, "convert", lambda *a, **k: pytest.fail("converted again"))
     for spelling in ("bf16", "bfloat16"):
