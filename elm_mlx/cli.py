@@ -628,11 +628,38 @@ def perplexity(
 
 
 @app.command(short_help="List the presets, and what is cached.")
-def models():
-    """List the presets: hub id, parameters, layers and memory."""
+@user_errors
+def models(
+    rm: Annotated[Optional[list[str]], typer.Option(
+        "--rm", help="Remove a model from this machine (a preset or hub id; repeatable): elm-mlx's converted "
+        "copies and its Hugging Face download (other tools that share that cache fetch it again).")] = None,
+):
+    """List the presets (hub id, parameters, layers, memory), then what this machine holds:
+    downloads in the Hugging Face cache and elm-mlx's converted copies, with their sizes."""
     from .config import models_table
+    from .hub import remove, stored
 
+    if rm:
+        for name in rm:
+            gone = remove(name)
+            for s in gone:
+                typer.echo(f"removed {s.model} {s.form}: {s.path} ({gigabytes(s.size)})")
+            typer.echo(f"freed {gigabytes(sum(s.size for s in gone))}")
+        return
     typer.echo(models_table())
+    typer.echo("")
+    held = stored()
+    if not held:
+        typer.echo("Nothing downloaded yet: the first `elm-mlx generate -M 270M ...` downloads and converts a preset.")
+        return
+    typer.echo(f"On this machine ({gigabytes(sum(s.size for s in held))}; `elm-mlx models --rm NAME` removes one):")
+    width = max(len(s.model) for s in held) + 2
+    for s in held:
+        typer.echo(f"{s.model:<{width}}{s.form:<28}{gigabytes(s.size):>10}  {s.path}")
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 # ---------------------------------------------------------------- fine-tuning (elm_mlx/tune.py, lora.py, fuse.py)

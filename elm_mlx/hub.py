@@ -5,6 +5,7 @@ the hub commit and the dtype."""
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import dtype_name, parse_dtype
@@ -130,3 +131,79 @@ def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -
         except FileExistsError:
             pass  # another process converted it first; theirs is complete
     return target
+
+
+# ---------------------------------------------------------------- what is on this machine (`elm-mlx models`)
+
+@dataclass
+class Stored:
+    model: str  # the preset name, else the hub id
+    form: str  # "download" (the Hugging Face cache's) or "fp32 copy" / "bf16 copy" / ... (elm-mlx's)
+    size: int  # bytes on disk
+    path: Path
+
+
+def _size(path: Path) -> int:
+    return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def _label(repo: str) -> str:
+    preset = repo.removeprefix("apple/OpenELM-")
+    return preset if repo.startswith("apple/OpenELM-") and preset_name(preset) == preset else repo
+
+
+def _converted() -> dict[str, list[Path]]:
+    """hub id -> elm-mlx's converted copies of it (complete ones: a copy is renamed into place when done)."""
+    root, found = cache_root(), {}
+    for folder in sorted(root.glob("*--*/*")) if root.is_dir() else []:
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / "config.json").is_file():
+            found.setdefault(folder.parent.name.replace("--", "/", 1), []).append(folder)
+    return found
+
+
+def _downloads(repos) -> dict:
+    """hub id -> the Hugging Face cache's entry, for OpenELM repos and any elm-mlx converted."""
+    from huggingface_hub import constants, scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        scan = scan_cache_dir(constants.HF_HUB_CACHE)
+    except CacheNotFound:
+        return {}
+    return {r.repo_id: r for r in scan.repos if r.repo_type == "model"
+            and (r.repo_id in repos or r.repo_id.startswith("apple/OpenELM-"))}
+
+
+def stored() -> list[Stored]:
+    """Every OpenELM model this machine holds: downloads and converted copies, with their sizes."""
+    converted = _converted()
+    downloads = _downloads(converted)
+    rows = []
+    for repo in sorted(set(converted) | set(downloads)):
+        if repo in downloads:
+            entry = downloads[repo]
+            rows.append(Stored(_label(repo), "download", entry.size_on_disk, Path(entry.repo_path)))
+        for folder in converted.get(repo, []):
+            commit, _, dtype = folder.name.rpartition("-")
+            rows.append(Stored(_label(repo), f"{dtype} copy of {commit}", _size(folder), folder))
+    return rows
+
+
+def remove(name: str) -> list[Stored]:
+    """Delete a preset's or hub id's converted copies and its download; what was removed.
+    A copy is renamed aside before it is deleted, so an interrupted removal never leaves a
+    half-deleted folder where `resolve` would take it for a complete conversion."""
+    repo = repo_id(name)
+    if repo is None:
+        raise ArgumentError("rm", name, "a preset or a hub id (org/name), as `elm-mlx models` lists them")
+    found = [s for s in stored() if _label(repo) == s.model]
+    if not found:
+        raise ElmError(f"--rm {name}: nothing of {repo} is on this machine (`elm-mlx models` lists what is)")
+    import shutil
+    import uuid
+
+    for s in found:  # a download is its whole repo folder: snapshots, blobs, refs
+        aside = s.path.with_name(f".{s.path.name}.removing-{uuid.uuid4().hex[:8]}")
+        os.rename(s.path, aside)
+        shutil.rmtree(aside)
+    return found

@@ -437,3 +437,29 @@ def test_hub_repo_not_cached_offline(hub):
     assert "not in the Hugging Face cache" in msg
     assert "connect" in msg and "local folder" in msg  # what to do
     assert not hub["elm"].exists() or not _converted(hub["elm"])
+
+
+def test_models_lists_what_this_machine_holds_and_rm_removes_it(hub):
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    runner = CliRunner()
+    elm_mlx.load("270M")
+    elm_mlx.load("270M", dtype="bf16")
+    r = runner.invoke(app, ["models"])
+    assert r.exit_code == 0, r.stderr
+    held = r.stdout.split("On this machine")[1]
+    rows = {line.split()[1]: line for line in held.splitlines() if line.startswith("270M ")}
+    assert set(rows) == {"download", "float32", "bfloat16"}, r.stdout
+    fp32 = next(p for p in _converted(hub["elm"]) if p.name.endswith("-float32"))
+    assert str(fp32) in rows["float32"] and f"{sum(f.stat().st_size for f in fp32.iterdir()) / 1e6:.1f} MB" in rows["float32"]
+    assert "llama-tokenizer" not in r.stdout  # the tokenizer repo is not a model
+    r = runner.invoke(app, ["models", "--rm", "270M"])
+    assert r.exit_code == 0 and r.stdout.count("removed 270M") == 3 and "freed" in r.stdout, r.output
+    assert _converted(hub["elm"]) == [] and not list(hub["elm"].rglob("*removing*"))
+    assert not (hub["cache"] / "models--apple--OpenELM-270M").exists()
+    assert (hub["cache"] / ("models--" + TOKENIZER_REPO.replace("/", "--"))).exists()
+    assert "Nothing downloaded yet" in runner.invoke(app, ["models"]).stdout
+    r = runner.invoke(app, ["models", "--rm", "270M"])
+    assert r.exit_code == 2 and "nothing of apple/OpenELM-270M" in r.stderr
