@@ -21,8 +21,11 @@ elm_mlx.evaluate` (lm-eval's own command line with elm-mlx registered), or
 
 import json
 import logging
+import os
+import subprocess
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 from lm_eval.api.model import TemplateLM
@@ -263,12 +266,35 @@ def evaluate(lm: ElmLM, tasks: list, num_fewshot: int | None = None, limit: int 
 
     manager = manager or TaskManager()
     check_tasks(manager, tasks)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False)
+    with quiet_git_hash():
+        results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                  log_samples=False)
     if results is None:
         raise ElmError("lm-eval returned no results")
     results.pop("samples", None)
     return results
+
+
+@contextmanager
+def quiet_git_hash():
+    """lm-eval records the git commit of the working folder by running `git describe` with git's
+    stderr on the user's terminal: outside a repository that prints "fatal: not a git repository".
+    While it runs, the same question is asked with git's stderr kept (the same answer)."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
 
 
 def check_tasks(manager, tasks: list) -> None:
@@ -299,7 +325,8 @@ def main():
     python -m elm_mlx.evaluate --model elm-mlx --model_args pretrained=270M,dtype=fp32 --tasks arc_easy"""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    with quiet_git_hash():
+        cli_evaluate()
 
 
 if __name__ == "__main__":

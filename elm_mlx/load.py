@@ -9,7 +9,7 @@ from .chat_template import find_template
 from .checkpoint import load_weights, parse_dtype
 from .config import OpenELMConfig, read_config
 from .errors import ElmError
-from .hub import resolve
+from .hub import cache_root, resolve
 from .model import Model
 from .quant import quantize_model, read_quantization
 from .tokenizer import check_tokenizer_json, load_tokenizer
@@ -22,13 +22,30 @@ def cpu_backend() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def first_time(notice: str) -> bool:
+    """True the first time on this machine (a marker in elm-mlx's cache folder; once per
+    process where that can't be written): a notice that is news once, not on every command."""
+    if notice in _told:
+        return False
+    _told.add(notice)
+    marker = cache_root() / "told" / notice
+    if marker.exists():
+        return False
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError:
+        pass
+    return True
+
+
 def compute_dtype(dtype: str | None) -> str | None:
     """The dtype the front ends (load(), generate, chat, serve, bench) compute
     in: the one asked for, else "fp32" on the CPU backend, whatever the
     weights are stored in (quantized weights stay quantized, with float32
     activations): MLX's CPU bf16/fp16 kernels and quantized matmuls with bf16
     activations are 2-10x slower than float32 there (BENCHMARKS.md). Else
-    None (load_model's as-stored default). Says so once on stderr, with the
+    None (load_model's as-stored default). Says so once per machine on stderr, with the
     BLAS hint when no optimized BLAS is bound."""
     if not cpu_backend():
         return dtype
@@ -37,8 +54,7 @@ def compute_dtype(dtype: str | None) -> str | None:
     blas.hint_if_missing(True)
     if dtype is not None:
         return dtype
-    if "dtype" not in _told:
-        _told.add("dtype")
+    if first_time("cpu-fp32"):
         print("elm-mlx: computing in fp32 on MLX's CPU backend (bf16 is several times slower there); "
               "--dtype overrides", file=sys.stderr)
     return "fp32"

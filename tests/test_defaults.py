@@ -115,11 +115,19 @@ def test_none_found_binds_nothing_and_the_cpu_hint_says_how(tmp_path):
 def test_cpu_backend_computes_in_fp32_by_default(tmp_path, capfd, monkeypatch, llama_tokenizer):
     make_hf_checkpoint(tmp_path / "m", TINY_32K, dtype="BF16")  # the Llama-2 vocabulary, as load() checks
     monkeypatch.setattr(sys.modules["elm_mlx.load"], "_told", set())
+    monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "cache"))
     model, _ = elm_mlx.load(tmp_path / "m", tokenizer=llama_tokenizer)
     assert param_dtypes(model) == {mx.float32}
     assert param_dtypes(elm_mlx.load(tmp_path / "m", dtype="bf16", tokenizer=llama_tokenizer)[0]) == {mx.bfloat16}
     elm_mlx.load(tmp_path / "m", tokenizer=llama_tokenizer)
     assert capfd.readouterr().err.count("computing in fp32") == 1  # said once
+    monkeypatch.setattr(sys.modules["elm_mlx.load"], "_told", set())  # as a new process on this machine:
+    elm_mlx.load(tmp_path / "m", tokenizer=llama_tokenizer)
+    assert "computing in fp32" not in capfd.readouterr().err  # not said again
+    monkeypatch.setattr(sys.modules["elm_mlx.load"], "_told", set())  # another machine (cache)
+    monkeypatch.setenv("ELM_MLX_CACHE", str(tmp_path / "other-cache"))
+    elm_mlx.load(tmp_path / "m", tokenizer=llama_tokenizer)
+    assert "computing in fp32" in capfd.readouterr().err
     assert compute_dtype("bf16") == "bf16"
     monkeypatch.setattr(sys.modules["elm_mlx.load"], "cpu_backend", lambda: False)
     assert compute_dtype(None) is None  # elsewhere: load_model's as-stored default

@@ -272,3 +272,25 @@ def test_lm_evals_own_command_line_runs_the_backend(tiny, task_dir, tmp_path):
                         "--limit", "3"], capture_output=True, text=True, env=os.environ | {"PYTHONPATH": ""})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "elm-mlx (" in r.stdout and "|elm_toy_mc|" in r.stdout.replace(" ", "")
+
+
+def test_eval_outside_a_git_repository_prints_no_git_noise(tiny, task_dir, tmp_path):
+    """lm-eval asks git for the working folder's commit; outside a repository git's
+    "fatal: not a git repository" must not reach the user's terminal."""
+    from hostile import ELM_MLX
+
+    r = subprocess.run([ELM_MLX, "eval", "--model", str(tiny[0]), "--dtype", "fp32",
+                        "--tasks", "elm_toy_mc", "--include-path", str(task_dir), "--limit", "3"], cwd=tmp_path,
+                       capture_output=True, text=True,
+                       env=os.environ | {"PYTHONPATH": "", "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "elm_toy_mc" in r.stdout and "fatal" not in r.stderr, r.stderr
+
+
+def test_transformers_says_nothing_of_pytorch_once_elm_mlx_is_imported():
+    """mlx-lm, lm-eval and `convert --to mlx-lm` import transformers for tokenizers; without PyTorch
+    it prints "PyTorch was not found" on every command (torch hidden here as if not installed)."""
+    code = "import sys; sys.modules['torch'] = None; import elm_mlx; import transformers"
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env | {"PYTHONPATH": ""})
+    assert r.returncode == 0 and "PyTorch" not in r.stderr, r.stderr
