@@ -494,7 +494,7 @@ def serve(
     repetition_penalty are extensions to OpenAI's API). Concurrent requests decode together in one
     batch (--max-batch), each getting the tokens it would get alone; more wait in a queue.
     Speculative decoding (--prompt-lookup, --draft-model, and the per-request extensions
-    prompt_lookup and num_draft_tokens) runs such a request alone, between batch steps."""
+    prompt_lookup and num_draft_tokens) runs inside the same batch, beside plain requests."""
     from .server import Defaults
     from .server import serve as run
 

@@ -54,7 +54,7 @@ def hub_reachable(timeout: float | None = None) -> str | None:
     return None
 
 
-def download(repo: str) -> Path:
+def download(repo: str, flag: str = "--model") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -66,7 +66,7 @@ def download(repo: str) -> Path:
             except LocalEntryNotFoundError:
                 raise ElmError(f"{repo} is not in the Hugging Face cache and the hub can't be reached "
                                f"({unreachable}): connect once to download it, or pass a local folder to "
-                               "--model") from None
+                               f"{flag}") from None
         return Path(snapshot_download(repo, allow_patterns=ALLOW, etag_timeout=HUB_TIMEOUT))
     except GatedRepoError:
         raise ElmError(f"{repo} is gated on the Hugging Face hub: accept its terms there and log in "
@@ -77,7 +77,7 @@ def download(repo: str) -> Path:
     except LocalEntryNotFoundError:
         raise ElmError(f"{repo} is not in the Hugging Face cache and the hub can't be reached "
                        "(offline, or HF_HUB_OFFLINE=1): connect once to download it, or pass a local "
-                       "folder to --model") from None
+                       f"folder to {flag}") from None
     except HfHubHTTPError as e:
         raise ElmError(f"downloading {repo} failed: {quoted(str(e), 300)}") from None
 
@@ -102,7 +102,7 @@ def locate(name: str, arg: str = "model", flag: str = "--model") -> tuple[Path, 
         near = nearest_preset(name)
         raise ArgumentError(arg, name, "a folder, a preset or a hub id (org/name); "
                             + (f"did you mean {near}?" if near else f"presets are {', '.join(PRESETS)}"), flag)
-    return download(repo), repo
+    return download(repo, flag), repo
 
 
 def default_cache_dtype() -> str:
@@ -113,15 +113,17 @@ def default_cache_dtype() -> str:
     return "fp32" if cpu_backend() else "bf16"
 
 
-def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None) -> Path:
+def resolve(name: str, dtype: str | None = None, tokenizer: str | None = None, flag: str = "--model") -> Path:
+    """The model folder for a folder, preset or hub id (downloaded and converted once); errors
+    name `flag`, the option the name came from (--model, --draft-model)."""
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ElmError(f"--model {name}: a model is a folder (config.json + safetensors), not a file")
+            raise ElmError(f"{flag} {name}: a model is a folder (config.json + safetensors), not a file")
         return path
     # Parsed before a download of gigabytes; one cache entry per dtype, whatever its spelling.
     dtype = dtype_name(parse_dtype(dtype or default_cache_dtype()))
-    snapshot, repo = locate(name)
+    snapshot, repo = locate(name, flag.removeprefix("--").replace("-", "_"), flag)
     target = cache_root() / repo.replace("/", "--") / f"{snapshot.name[:12]}-{dtype}"
     if not target.exists():
         from .convert import convert

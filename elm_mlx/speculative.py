@@ -304,10 +304,15 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
 
 def load_draft(name: str, target, target_tokenizer, dtype=None, tokenizer_file=None):
     """The draft model named by --draft-model (a folder, preset or hub id, as
-    --model), refused unless it shares the target's vocabulary and tokenizer."""
+    --model), refused unless it shares the target's vocabulary and tokenizer. A draft
+    folder without a tokenizer uses --tokenizer, else the model's own."""
+    from .hub import resolve
     from .load import load
 
-    draft, draft_tokenizer = load(name, dtype=dtype, tokenizer=tokenizer_file)
+    folder = resolve(name, dtype, tokenizer_file, flag="--draft-model")
+    if tokenizer_file is None and not (folder / "tokenizer.model").is_file():
+        tokenizer_file = target_tokenizer.path  # a draft without one speaks the model's (and must)
+    draft, draft_tokenizer = load(folder, dtype=dtype, tokenizer=tokenizer_file)
     check_draft(target, draft, target_tokenizer, draft_tokenizer)
     return draft
 

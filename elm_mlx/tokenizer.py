@@ -184,8 +184,8 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
         local = Path(model_dir) / TOKENIZER_FILE
         if local.is_file():
             if explicit is not None and not os.path.samefile(local, explicit):
-                print(f"warning: using {local} from the model folder, not --tokenizer {explicit}",
-                      file=sys.stderr)
+                print(f"warning: {model_dir} has its own tokenizer ({local}): it is used for that folder instead "
+                      f"of --tokenizer {explicit}", file=sys.stderr)
             return local
         searched.append(f"{local} (not there)")
     if explicit is not None:

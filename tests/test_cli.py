@@ -252,3 +252,21 @@ def test_debug_works_after_the_subcommand_too(tmp_path):
     r = subprocess.run([ELM_MLX, "generate", "--model", str(tmp_path / "none"), "hi", "--debug"], capture_output=True,
                        text=True, env=quiet_env(), timeout=120)
     assert r.returncode == 2 and "Traceback" in r.stderr and r.stderr.strip().endswith("there is none at that path")
+
+
+def test_a_draft_folder_without_a_tokenizer_speaks_the_models(with_tokenizer, folder, offline_caches):
+    """No --tokenizer needed for a draft that has none (it must use the model's anyway), and
+    --tokenizer given for it is not reported as unused."""
+    args = ["generate", "-M", str(with_tokenizer), "Once upon a time", "-m", "8", "--dtype", "fp32"]
+    plain = runner.invoke(app, args)
+    r = runner.invoke(app, args + ["--draft-model", str(folder)])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == plain.stdout and "speculative:" in r.stderr
+    r = runner.invoke(app, args + ["--draft-model", str(folder), "--tokenizer", str(with_tokenizer / "tokenizer.model")])
+    assert r.exit_code == 0 and "not --tokenizer" not in r.stderr, r.stderr
+
+
+def test_an_uncached_draft_preset_names_draft_model(with_tokenizer, offline_caches):
+    r = runner.invoke(app, ["generate", "-M", str(with_tokenizer), "hi", "-m", "4", "--draft-model", "270M"])
+    assert r.exit_code == 2 and "--draft-model" in r.stderr and "--model" not in r.stderr.replace("--draft-model", ""), \
+        r.stderr
