@@ -377,8 +377,22 @@ def generate(
                    f"{max_tokens} tokens -m asked for)", err=True)
     if last is not None:
         typer.echo(stats_line(last), err=True)
+        say_if_speculation_did_not_pay(model, last)
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def say_if_speculation_did_not_pay(model, last) -> None:
+    """Speculation that is slower than plain decoding says so once, at the end of the run
+    (measured over 16 tokens or more: fewer is noise)."""
+    from .speculative import did_not_pay, plain_step_seconds
+
+    if last.acceptance_rate is None or last.generation_tokens < 16:
+        return
+    notice = did_not_pay(last.generation_tps, plain_step_seconds(model), last.acceptance_rate,
+                         last.tokens_per_forward)
+    if notice:
+        typer.echo(notice, err=True)
 
 
 @app.command(short_help="Convert checkpoints into an MLX folder.")

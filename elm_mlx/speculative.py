@@ -27,6 +27,7 @@ yielded (the last token is read by the next block's forward);
 `context.CachedContext` already trims to what both hold.
 """
 
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -57,6 +58,35 @@ class SpecStats:
     def tokens_per_forward(self) -> float:
         """1.0 for plain decoding; up to k+1 when every guess is kept."""
         return self.tokens / self.target_forwards if self.target_forwards else 0.0
+
+
+def plain_step_seconds(model, repeats: int = 3) -> float:
+    """One eager one-token forward of `model`, the fastest of `repeats`: an upper bound on what a
+    plain decoding step costs (the compiled step `generate` uses is as fast or faster)."""
+    cache = make_cache(model)
+    mx.eval(model(mx.array([[1]]), cache))  # the first call allocates
+    best = float("inf")
+    for _ in range(repeats):
+        for c in cache:
+            c.trim(c.offset - 1)
+        tic = time.perf_counter()
+        mx.eval(model(mx.array([[1]]), cache))
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
+def did_not_pay(generation_tps: float, step_seconds: float, acceptance_rate: float,
+                tokens_per_forward: float) -> str | None:
+    """A one-time notice when speculative decoding was slower than plain decoding at most would be
+    (`step_seconds`: plain_step_seconds): the measured acceptance and the speed-up bound, and what to
+    try. None when it may have paid: the bound errs on the side of silence."""
+    bound = generation_tps * step_seconds
+    if bound >= 0.95:
+        return None
+    return (f"(speculative decoding did not pay here: {100 * acceptance_rate:.0f}% of guesses kept, "
+            f"{tokens_per_forward:.2f} tokens per forward, {generation_tps:.1f} tok/s = at most {bound:.2f}x "
+            f"plain decoding's ~{1 / step_seconds:.0f}+ tok/s. Try without --prompt-lookup / --draft-model, "
+            "or fewer guesses; on a CPU set OPENBLAS_NUM_THREADS=1 (BENCHMARKS.md, Speculative decoding))")
 
 
 def check_options(prompt_lookup: int = 0, ngram: int = DEFAULT_NGRAM, draft_model=None,

@@ -270,3 +270,22 @@ def test_an_uncached_draft_preset_names_draft_model(with_tokenizer, offline_cach
     r = runner.invoke(app, ["generate", "-M", str(with_tokenizer), "hi", "-m", "4", "--draft-model", "270M"])
     assert r.exit_code == 2 and "--draft-model" in r.stderr and "--model" not in r.stderr.replace("--draft-model", ""), \
         r.stderr
+
+
+@pytest.mark.parametrize("step_seconds, said", [(1e-6, True), (10.0, False)])
+def test_speculation_that_cannot_pay_says_so_once(with_tokenizer, monkeypatch, step_seconds, said):
+    import elm_mlx.speculative as spec
+
+    monkeypatch.setattr(spec, "plain_step_seconds", lambda model: step_seconds)  # plain decoding's cost, measured
+    r = runner.invoke(app, ["generate", "-M", str(with_tokenizer), "Once upon a time", "-m", "20", "--dtype", "fp32",
+                            "--ignore-eos", "--prompt-lookup", "4"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.count("did not pay") == (1 if said else 0), r.stderr
+
+
+def test_the_speculation_notice_states_the_measured_numbers():
+    from elm_mlx.speculative import did_not_pay
+
+    notice = did_not_pay(10.0, 0.05, 0.2, 1.1)  # 10 tok/s where one plain step takes 50 ms: 0.5x at most
+    assert "20% of guesses kept" in notice and "1.10 tokens per forward" in notice and "0.50x" in notice
+    assert did_not_pay(30.0, 0.05, 0.9, 2.5) is None  # 1.5x the plain bound: it may have paid
