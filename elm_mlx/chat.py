@@ -1,7 +1,13 @@
 """`elm-mlx chat`: a terminal conversation. The history is kept as messages,
 rendered with the chat template each turn; the KV cache keeps what it has read,
-so a turn only reads the new user message (and, at most, the tail of the last
-reply when the model's own tokens differ from how its text re-tokenizes)."""
+so a turn only reads the new user message. The last reply stays in the prompt as
+the model's own token ids, not its text re-tokenized (which often splits
+differently and would make the cache miss from there): `spoken` holds the ids
+read and generated so far with the text they stand for, and the next prompt is
+those ids plus the rendered text that follows, encoded piece by piece as
+encode_chat does.
+When the rendered history no longer begins with that text (turns dropped, a new
+system prompt, /load) the whole prompt is encoded from text again."""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import threading
 from contextlib import closing, contextmanager
 from pathlib import Path
 
-from .chat_template import ChatTemplate, chat_ids
+from .chat_template import EOS_TEXT, ChatTemplate, chat_ids, chat_text, encode_pieces
 from .context import CachedContext
 from .errors import ElmError, quoted
 from .files import atomic_write_text, describe_os_error, read_text
@@ -38,6 +44,7 @@ class Chat:
         self.dropped = 0  # turns dropped so far to fit the window
         self.last = None  # the last reply's final GenerationResponse
         self.cache_file = None  # --prompt-cache: (path, identity) the conversation and its KV cache are kept in
+        self.spoken = None  # the last reply: (its prompt's text, its text, ended by EOS, the ids read and generated)
 
     def keep_in(self, path: Path, model_name: str, dtype=None, tokenizer_file=None) -> str:
         """Keep the conversation and its KV cache in `path` after every reply, and resume
@@ -67,7 +74,29 @@ class Chat:
         return [{"role": "system", "content": self.system}] if self.system is not None else []
 
     def prompt_ids(self) -> list[int]:
-        return chat_ids(self.tokenizer, self.template, self.conversation())
+        full = chat_text(self.template, self.conversation())
+        end = self.spoken_end(full)
+        if end is None:
+            return chat_ids(self.tokenizer, self.template, self.conversation())
+        return self.spoken[3] + encode_pieces(self.tokenizer, full[end:])
+
+    def spoken_end(self, full: str) -> int | None:
+        """Where, in the rendered conversation, the text the last reply's ids stand for ends:
+        the prompt it answered, then (past the template's whitespace, e.g. Apple's "\n" after
+        "<|assistant|>") the reply, then "</s>" if the model ended it with EOS."""
+        if self.spoken is None:
+            return None
+        prompt_text, reply, eos, _ = self.spoken
+        start = len(prompt_text)
+        at = full.find(reply, start) if full.startswith(prompt_text) else -1
+        if at < 0 or full[start:at].strip():
+            return None
+        end = at + len(reply)
+        if eos:
+            if not full.startswith(EOS_TEXT, end):
+                return None
+            end += len(EOS_TEXT)
+        return end
 
     def add_user(self, text: str) -> int:
         """Appends a user turn, dropping the oldest turns until the prompt leaves room for
@@ -89,22 +118,28 @@ class Chat:
     def reply(self):
         """Streams the answer to the last user turn (GenerationResponse per token). Closing
         the stream early keeps the partial reply: the history and the cache agree either way."""
-        parts = []
+        parts, prompt_text, finished, prompt = [], chat_text(self.template, self.conversation()), False, self.prompt_ids()
+        self.spoken = None  # until this reply is done
         try:
-            for r in self.context.stream(self.tokenizer, self.prompt_ids(), self.max_tokens, sampling=self.sampling,
+            for r in self.context.stream(self.tokenizer, prompt, self.max_tokens, sampling=self.sampling,
                                            **self.speculation):
                 parts.append(r.text)
                 self.last = r
+                finished = r.finish_reason is not None
                 yield r
         finally:
             if parts:
-                self.messages.append({"role": "assistant", "content": "".join(parts)})
+                reply = "".join(parts)
+                self.messages.append({"role": "assistant", "content": reply})
+                if finished and self.template is not None:  # (cut short, a held-back character has no text yet)
+                    eos = self.context.ids[-1:] == [self.tokenizer.eos_id]
+                    self.spoken = (prompt_text, reply, eos, list(self.context.ids))
             else:  # failed before a first token: the turn never happened
                 self.messages.pop()
             self.persist()
 
     def reset(self):
-        self.messages, self.dropped, self.last = [], 0, None  # /stats speaks of this conversation only
+        self.messages, self.dropped, self.last, self.spoken = [], 0, None, None  # /stats: this conversation only
 
     def save(self, path: Path):
         """Atomic: a failed save (full disk, no permission) leaves the previous file whole."""
@@ -124,7 +159,7 @@ class Chat:
         check_messages(messages, where)
         self.system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
         self.messages = [dict(m) for m in messages if m["role"] != "system"]
-        self.dropped, self.last = 0, None
+        self.dropped, self.last, self.spoken = 0, None, None
 
     def stats(self) -> str:
         turns = sum(m["role"] == "user" for m in self.messages)

@@ -146,6 +146,13 @@ def _bounded_render(template, variables: dict) -> str:
 def encode_chat(tokenizer, text: str) -> list[int]:
     """Rendered template text -> ids as the Llama-2 fast tokenizer gives them (see the module doc),
     with BOS first."""
+    ids = encode_pieces(tokenizer, text)
+    return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id] + ids
+
+
+def encode_pieces(tokenizer, text: str) -> list[int]:
+    """encode_chat without the BOS it adds: each piece between special-token strings on its own,
+    so the text after a "</s>" encodes the same alone as at the end of a longer text."""
     special = {BOS_TEXT: tokenizer.bos_id, EOS_TEXT: tokenizer.eos_id}
     ids = []
     for piece in re.split(f"({re.escape(BOS_TEXT)}|{re.escape(EOS_TEXT)})", text):
@@ -153,7 +160,7 @@ def encode_chat(tokenizer, text: str) -> list[int]:
             ids.append(special[piece])
         elif piece:
             ids += tokenizer.encode(piece, add_bos=False)
-    return ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id] + ids
+    return ids
 
 
 def chat_text(template: ChatTemplate | None, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -18,7 +18,7 @@ from engine import TINY_32K, build
 
 from elm_mlx import ElmError, stream_generate
 from elm_mlx.chat import Chat
-from elm_mlx.chat_template import OPENELM_TEMPLATE, ChatTemplate, chat_ids
+from elm_mlx.chat_template import OPENELM_TEMPLATE, ChatTemplate, chat_ids, encode_pieces
 from elm_mlx.sample import SamplingParams
 
 APPLE = ChatTemplate(OPENELM_TEMPLATE, "OpenELM-Instruct")
@@ -71,6 +71,35 @@ def test_a_turn_reads_only_what_the_cache_lacks(model, tok):
     assert chat.context.reused >= len(first_prompt)
     assert chat.last.prompt_tokens == len(chat.context.ids) - 10 - chat.context.reused
     assert chat.last.prompt_tokens < len(chat_ids(tok, APPLE, chat.messages[:3]))
+
+
+def test_the_next_turn_reads_only_the_new_message_as_the_reply_was_generated(model, tok):
+    """The reply stays in the history as the model's own ids: turn 2 reads nothing of turn 1 again,
+    however the reply's text re-tokenizes."""
+    chat = Chat(model, tok, APPLE, max_tokens=12, sampling=GREEDY)
+    say(chat, "Hello there")
+    turn1 = list(chat.context.ids)
+    say(chat, "Tell me more")
+    new = chat.context.ids[len(turn1):len(chat.context.ids) - chat.last.generation_tokens]
+    assert chat.context.ids[:len(turn1)] == turn1 and chat.context.reused == len(turn1)
+    assert chat.last.prompt_tokens == len(new)
+    # the new part is what a full encoding gives the text after the reply: "</s>" (the model did
+    # not say it: cut at max_tokens), then "\n<|user|>\nTell me more</s>\n<|assistant|>", piece by piece
+    assert new == chat_ids(tok, APPLE, chat.messages[:3])[-len(new):] and new[0] == tok.eos_id
+    assert_cache_matches_a_fresh_forward(model, chat)
+
+
+def test_a_reply_the_model_ended_with_eos_is_followed_by_what_comes_after_the_templates_eos(model, tok):
+    chat = Chat(model, tok, APPLE, max_tokens=6, sampling=GREEDY)
+    say(chat, "Hello there")
+    prompt_text, reply, eos, ids = chat.spoken
+    assert not eos
+    chat.spoken = (prompt_text, reply, True, ids + [tok.eos_id])  # as if the model had said EOS next
+    chat.add_user("Tell me more")
+    after = encode_pieces(tok, "\n<|user|>\nTell me more</s>\n<|assistant|>\n")
+    assert chat.prompt_ids() == ids + [tok.eos_id] + after
+    chat.system = "Be brief."  # the history no longer begins as it was read: encoded from text again
+    assert chat.prompt_ids() == chat_ids(tok, APPLE, chat.conversation())
 
 
 def test_a_reply_closed_early_stays_in_the_history(model, tok):
