@@ -540,6 +540,7 @@ class Api:
         self.model_id, self.defaults, self.window, self.vocab_size = model_id, defaults, window, vocab_size
         self.limits = limits
         self.page = files("elm_mlx").joinpath("static/index.html").read_text(encoding="utf-8")
+        self.icon = files("elm_mlx").joinpath("static/favicon.svg").read_bytes()
         self.created = int(time.time())
         # Request-sized work runs here, off the event loop, so a big or slow request never
         # holds up /health or the other clients' streams.
@@ -548,6 +549,7 @@ class Api:
     def app(self) -> Starlette:
         routes = [
             Route("/", lambda _: HTMLResponse(self.page)),
+            Route("/favicon.ico", lambda _: Response(self.icon, media_type="image/svg+xml")),  # browsers ask for it
             Route("/health", self.health),
             Route("/v1/models", self.models),
             Route("/v1/models/{model:path}", self.model),
