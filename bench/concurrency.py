@@ -1,6 +1,8 @@
 """Concurrent streams through the server's batch engine (elm_mlx/batch.py): aggregate
 tokens/s and per-stream latency for 1, 2, 4, 8 streams, beside mlx-lm's BatchGenerator on
 the same weight arrays, in one process, alternating engines after a warm-up of each.
+Then (unless --no-burst) the largest burst of plain requests alone and with one prompt-lookup request
+beside them (a prompt that repeats itself), every text checked against its greedy text alone.
 Then (unless --no-server) one greedy request to the real `elm-mlx serve` on the same weights
 (written to a temporary folder) beside `generate`'s engine for the same prompt and length:
 both timed from the request to the last token, so the server's HTTP and prefill are in.
@@ -52,6 +54,72 @@ def run_elm(model, ids: list, tokens: int) -> list:
         for t in out:
             times[t.seq.id].append(now)
     return [(t0, times[s.id]) for s in seqs]
+
+
+def burst(model, ids: list, lookup_ids: list | None, tokens: int, lookup: int) -> dict:
+    """One burst through the batch engine: the plain prompts `ids` together, and with `lookup_ids`
+    one more request with prompt lookup (`lookup` guesses) beside them. Aggregate tok/s as
+    summarize() counts it (every stream's tokens after its first, over the burst), each stream's
+    tokens, and the lookup request's acceptance."""
+    from elm_mlx.speculative import make_proposer
+
+    engine = BatchEngine(model, max_batch=len(ids) + 1)
+    t0 = clock()
+    seqs = [engine.add(p, tokens) for p in ids]
+    if lookup_ids is not None:
+        seqs.append(engine.add(lookup_ids, tokens, proposer=make_proposer(model, prompt_lookup=lookup)))
+    times = {s.id: [] for s in seqs}
+    while engine.has_work():
+        out = engine.step()
+        now = clock()
+        for t in out:
+            times[t.seq.id].append(now)
+    summary = summarize([(t0, times[s.id]) for s in seqs])
+    spec = seqs[-1].spec.stats if lookup_ids is not None else None
+    return {**summary, "texts": [s.tokens for s in seqs],
+            "acceptance": spec.acceptance_rate if spec else None,
+            "tokens_per_forward": spec.tokens_per_forward if spec else None}
+
+
+def lookup_prompt(length: int, vocab: int, seed: int = 5) -> list:
+    """A prompt that repeats itself, as an edit or a quote does: prompt lookup has something to copy."""
+    rng = np.random.default_rng(seed)
+    half = rng.integers(3, vocab, size=length // 2).tolist()
+    return [1] + half + half
+
+
+def burst_with_lookup(model, streams: int, prompt_tokens: int, tokens: int, repeats: int, lookup: int) -> dict:
+    """`streams` plain requests alone vs the same with one prompt-lookup request beside them, alternating:
+    every text equal to its greedy text alone (generate_tokens), and both aggregates."""
+    from elm_mlx.generate import generate_tokens
+
+    vocab = model.config.vocab_size
+    ids, extra = prompts(streams, prompt_tokens, vocab, 11), lookup_prompt(prompt_tokens, vocab)
+
+    def alone(p):
+        out = []
+        for t in generate_tokens(model, p):
+            out.append(t)
+            if len(out) == tokens:
+                return out
+
+    expected = [alone(p) for p in ids + [extra]]
+    burst(model, ids[:2], extra, 4, lookup)  # warm-up
+    rates, same, accept = {"without": [], "with": []}, True, []
+    for r in range(repeats):
+        for name in (["without", "with"] if r % 2 == 0 else ["with", "without"]):
+            b = burst(model, ids, extra if name == "with" else None, tokens, lookup)
+            rates[name].append(b["aggregate_tps"])
+            same &= b["texts"] == expected[: len(b["texts"])]
+            if name == "with":
+                accept.append((b["acceptance"], b["tokens_per_forward"]))
+            mx.clear_cache()
+            print(f"burst {name:7} lookup: {b['aggregate_tps']:7.2f} tok/s aggregate", flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    return {"streams": streams, "lookup": lookup, "without_tps": med["without"], "with_tps": med["with"],
+            "ratio": med["with"] / med["without"], "same_texts": same,
+            "acceptance": statistics.mean(a for a, _ in accept),
+            "tokens_per_forward": statistics.mean(t for _, t in accept), "runs": rates}
 
 
 def clock():
@@ -205,6 +273,9 @@ def main():
     p.add_argument("--no-compare", action="store_true", help="skip mlx-lm")
     p.add_argument("--no-server", action="store_true", help="skip the server-vs-generate single stream")
     p.add_argument("--server-tokens", type=int, default=120, help="tokens of the server-vs-generate request")
+    p.add_argument("--no-burst", action="store_true",
+                   help="skip the burst of plain requests with and without one prompt-lookup request")
+    p.add_argument("--lookup", type=int, default=4, help="guesses of the burst's prompt-lookup request")
     p.add_argument("--json", help="write the runs here")
     args = p.parse_args()
     model, _ = load_bench_model(args.size, args.dtype, True, None)
@@ -242,6 +313,15 @@ def main():
             print(f"| {name} | {c} | {tps:.2f} | {tps / base[name][0]:.2f} | {cpu:.2f} | {cpu / base[name][1]:.2f} | "
                   f"{statistics.mean(r['ttft_s'] for r in rows):.2f} | "
                   f"{statistics.mean(r['ms_per_token'] for r in rows):.0f} |")
+    lookup = None
+    if not args.no_burst:
+        print()
+        lookup = burst_with_lookup(model, max(levels), args.prompt_tokens, args.tokens, max(3, args.repeats + 1),
+                                   args.lookup)
+        print(f"\n{lookup['streams']} plain streams with one prompt-lookup request (--lookup {lookup['lookup']}: "
+              f"{100 * lookup['acceptance']:.0f}% of guesses kept, {lookup['tokens_per_forward']:.2f} tokens per "
+              f"forward) beside them: {lookup['with_tps']:.1f} tok/s aggregate vs {lookup['without_tps']:.1f} "
+              f"without it: **{lookup['ratio']:.2f}x**; every text its greedy text alone: {lookup['same_texts']}")
     server = None
     if not args.no_server:
         print()
@@ -255,7 +335,8 @@ def main():
           f"{args.repeats} runs each; {env}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "runs": results, "server_vs_generate": server}, f, indent=1)
+            json.dump({"environment": env, "runs": results, "burst_with_lookup": lookup, "server_vs_generate": server},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

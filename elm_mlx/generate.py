@@ -132,8 +132,8 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
     Speculative decoding (elm_mlx/speculative.py; same output, greedy token for
     token): `prompt_lookup=N` guesses N tokens by matching the last `ngram`
     tokens earlier in the text; `draft_model=` a smaller OpenELM (or the model
-    quantized) guesses `num_draft_tokens`; guesses are checked with the eager
-    forward. The cache may then end one token short of the text (CachedContext
+    quantized) guesses `num_draft_tokens`; guesses are checked in one forward
+    (compiled, as the plain steps are; eager with compile=False). The cache may then end one token short of the text (CachedContext
     handles that).
 
     `constraint`: structured output's per-token mask (see sample.py); or build one with
@@ -170,7 +170,7 @@ def stream_generate(model, tokenizer, prompt, max_tokens: int = 256, *, cache=No
         proposer = make_proposer(model, prompt_lookup, ngram, draft_model, num_draft_tokens,
                                  sampling.repetition_penalty)
         tokens = speculative_tokens(model, ids, proposer, cache=cache, context=context, max_tokens=max_tokens,
-                                    stats=stats, **asdict(sampling))
+                                    stats=stats, compile=compile, **asdict(sampling))
     else:
         tokens = generate_tokens(model, ids, cache=cache, context=context, compile=compile, constraint=constraint,
                                  **asdict(sampling))

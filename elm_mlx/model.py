@@ -69,6 +69,8 @@ class Attention(nn.Module):
         since a CPU decode step is bound by their count. None: mx.fast.rope
         and mx.fast.scaled_dot_product_attention, single kernels on a GPU.
         -> (out, keys, values)"""
+        if x.shape[1] > 1:
+            return self.decode_block(x, offsets, rope, visible, keys, values)
         B, n_q, n_kv, hd = x.shape[0], self.n_q, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).reshape(B, n_q + 2 * n_kv, 1, hd)
         q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
@@ -95,6 +97,35 @@ class Attention(nn.Module):
             scores = mx.where(visible, q @ K.swapaxes(-1, -2), -mx.inf)
             out = mx.softmax(scores, axis=-1, precise=True) @ V
         return self.out_proj(out.reshape(B, 1, n_q * hd)), keys, values
+
+    def decode_block(self, x, offsets, rope, visible, keys, values):
+        """decode() for T > 1 tokens per row (x [B, T, dim]: a speculative block, or one token and
+        scratch after it), row b's at positions offsets[b] .. offsets[b] + T - 1, `visible`
+        [B, 1, T, capacity]. `rope` [B, 1, T, head_dim, head_dim] per position, with explicit GQA
+        attention (the CPU's fewer ops, as for one token); None: mx.fast's kernels."""
+        B, T, n_q, n_kv, hd = *x.shape[:2], self.n_q, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x).reshape(B, T, n_q + 2 * n_kv, hd).transpose(0, 2, 1, 3)
+        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is None:
+            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offsets if B > 1 else offsets[0])
+            q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
+        else:
+            q, k = ((a[:, :, :, None] @ rope)[:, :, :, 0] for a in (q, k))
+        rows, positions = mx.arange(B)[:, None], offsets[:, None] + mx.arange(T)[None]
+        keys[rows, :, positions] = k.transpose(0, 2, 1, 3)
+        values[rows, :, positions] = v.transpose(0, 2, 1, 3)
+        K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
+        if rope is None:
+            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=visible)
+        else:  # query head h reads KV head h // g; rows (i, t) of group g's queries see as position t does
+            g = n_q // n_kv
+            q = (q * hd**-0.5).reshape(B, n_kv, g * T, hd)
+            seen = mx.broadcast_to(visible[:, :, None], (B, 1, g, T, visible.shape[-1])).reshape(B, 1, g * T, -1)
+            scores = mx.where(seen, q @ K.swapaxes(-1, -2), -mx.inf)
+            out = (mx.softmax(scores, axis=-1, precise=True) @ V).reshape(B, n_q, T, hd)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)), keys, values
 
 
 class FeedForward(nn.Module):
@@ -174,21 +205,27 @@ class Model(nn.Module):
         buffers of one capacity whose rows 0..B-1 hold positions < offsets
         (more rows may follow: the batch engine's, left as they are). ->
         (logits [B, vocab], keys, values) with these tokens' keys and values
-        written in. fused_kernels: use mx.fast's RoPE and attention kernels
+        written in. token [B, T > 1] (speculative verification: row b's block
+        at offsets[b] onward, each position seeing those before it) -> logits
+        [B, T, vocab]. fused_kernels: use mx.fast's RoPE and attention kernels
         (default: on a GPU backend; see Attention.decode)."""
         t = self.transformer
         if fused_kernels is None:
             fused_kernels = mx.default_device() != mx.cpu
-        B = token.shape[0]
-        visible = (mx.arange(keys[0].shape[2])[None] <= offsets[:, None]).reshape(B, 1, 1, -1)
-        rope = None if fused_kernels else self.rope_matrix(offsets)[:, None]
+        B, T = token.shape
+        # Query t of row b sees positions <= offsets[b] + t.
+        last = offsets[:, None] + mx.arange(T)[None]
+        visible = (mx.arange(keys[0].shape[2])[None, None] <= last[:, :, None]).reshape(B, 1, T, -1)
+        rope = None if fused_kernels else self.rope_matrix(last.reshape(-1)).reshape(B, 1, T, *([self.config.head_dim] * 2))
+        rope = rope[:, :, 0] if T == 1 and rope is not None else rope  # [B, 1, hd, hd] for one token
         h = t.token_embeddings(token)
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
             h, k, v = layer.decode(h, offsets, rope, visible, k, v)
             new_keys.append(k)
             new_values.append(v)
-        return self.head(t.norm(h))[:, -1, :], new_keys, new_values
+        logits = self.head(t.norm(h))
+        return (logits[:, -1, :] if T == 1 else logits), new_keys, new_values
 
     def rope_matrix(self, offsets):
         """R[b] with x @ R[b] == mx.fast.rope(x, offset=offsets[b]) (non-traditional,

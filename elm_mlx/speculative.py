@@ -3,7 +3,8 @@
 A proposer guesses the next k tokens cheaply (prompt lookup: what followed the
 last n-gram where it occurred before, in the prompt or the text so far; a draft
 model: its own k greedy or sampled tokens, from its own KV cache). The target
-reads the pending token and the k guesses in ONE eager forward, which gives its
+reads the pending token and the k guesses in ONE forward (compiled, of fixed
+width: step.verify_block; eager with compile=False), which gives its
 logits at every position; it keeps the longest prefix it agrees with plus its
 own token at the first disagreement (or after the last guess), and `trim`s its
 cache (and the draft's) past the rest. So each target forward yields 1 to k+1
@@ -303,10 +304,12 @@ class Verifier:
 
 def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0,
                        repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0, seed=None, cache=None,
-                       context=(), max_tokens=None, stats: SpecStats | None = None):
+                       context=(), max_tokens=None, stats: SpecStats | None = None, compile: bool = True):
     """Yields token ids (the caller stops) with plain decoding's distribution
     (greedy: its exact tokens). `max_tokens`, when given, keeps blocks from
-    guessing past it. `stats` is updated as tokens are produced."""
+    guessing past it. `stats` is updated as tokens are produced. compile: verify
+    each block through the compiled fixed-width forward (step.verify_block);
+    False: the eager forward, the reference."""
     if seed is not None:
         mx.random.seed(seed)
     cache = make_cache(model) if cache is None else cache
@@ -317,9 +320,16 @@ def speculative_tokens(model, prompt_ids: list, proposer, *, temp=0.0, top_k=0, 
     stats = state.stats
     stats.tokens += 1
     yield state.first(model(mx.array(prompt_ids)[None], cache, last_only=True)[0])
+    if compile:
+        from .step import verify_block
+
+        verify = verify_block(model, proposer.num_tokens + 1)
+    else:
+        def verify(block, cache):
+            return model(block[None], cache)[0]
     while True:
         tokens = state.block()
-        out, drop = state.settle(model(tokens[None], cache)[0])
+        out, drop = state.settle(verify(tokens, cache))
         for c in cache:
             c.trim(drop)
         for i, t in enumerate(out):

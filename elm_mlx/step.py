@@ -12,9 +12,12 @@ building per token, ~1,400 nodes for that model (gpt-fast's design on MLX;
 Model.decode holds the step's forward). The batch engine's decode rows run
 the same forward over B rows at per-row offsets (`batch_forward`, one trace
 per capacity bucket and power-of-two B), with sampling per sequence outside
-it. Prefill and speculative verification stay eager (Model.__call__ and
-batch.forward); the eager forward is also the reference these steps must
-equal (tests/test_step.py, tests/test_batch.py)."""
+it. A single sequence's speculative verification runs k + 1 positions through
+the same forward (`verify_block`, a fixed-width trace). Prefill, and the batch
+engine's prompt chunks and speculative blocks, stay eager (Model.__call__ and
+batch.forward: a block at full width on every row would cost the other rows
+k + 1 positions of attention each, BENCHMARKS.md); the eager forward is also the
+reference these steps must equal (tests/test_step.py, tests/test_batch.py)."""
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -81,6 +84,30 @@ def batch_forward(model):
     One trace per (capacity bucket, B): the engine pads B to a power of two. Sampling stays per
     sequence (sample.SequenceSampler: its own penalties, random key and constraint), outside."""
     return _traced(model, "batch", lambda: mx.compile(model.decode))
+
+
+def verify_block(model, width: int):
+    """Speculative verification's compiled forward (speculative_tokens): run(block int32 [n <= width],
+    cache) -> logits [n, vocab] at the block's positions, the cache advanced by n. The block is
+    padded to `width` (the proposer's k + 1), so one trace per capacity bucket serves every block;
+    the padding's cache positions lie past the offset, scratch. The same Model.decode trace
+    family as batch_forward, over one row and `width` positions."""
+    compiled = batch_forward(model)
+
+    def run(block, cache):
+        n = block.shape[0]
+        c0 = cache[0]
+        for c in cache:
+            c.reserve(width, c.keys, c.values)
+        padded = mx.concatenate([block, mx.zeros((width - n,), mx.int32)]) if n < width else block
+        logits, keys, values = compiled(padded[None], mx.array([c0.offset], mx.int32), [c.keys for c in cache],
+                                        [c.values for c in cache])
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values = k, v
+            c.offset += n
+        return (logits if width > 1 else logits[:, None])[0, :n]
+
+    return run
 
 
 def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, constrained=False):

@@ -206,3 +206,34 @@ def test_full_size_270m_compiled_logits_equal_eager():
     model(mx.array([ids[:16]]), cache)
     errs = [np.abs(compiled_logits(model, cache, ids[i]) - ref[i]).max() for i in range(16, 24)]
     assert max(errs) <= 1e-5 * max(1.0, np.abs(ref).max()), errs
+
+
+@pytest.mark.parametrize("fused", [False, True])  # the CPU's explicit RoPE/attention, and a GPU's mx.fast kernels
+def test_compiled_verification_equals_the_eager_forward_across_buckets(model, small_buckets, fused):
+    """speculative_tokens' fixed-width block (step.verify_block): the logits at every position of
+    a block of guesses, full or shorter than the width (padded), equal the eager forward's, and
+    the cache continues as the eager one does, across 8-position buckets."""
+    from elm_mlx.step import verify_block
+
+    width = 5
+    ref = eager_logits(model, SEQ)
+    cache = make_cache(model)
+    model(mx.array([SEQ[:3]]), cache)
+    verify = verify_block(model, width)
+    if fused:
+        compiled = mx.compile(lambda *a: model.decode(*a, fused_kernels=True))
+        model.__dict__["_elm_decode_steps"]["batch"] = compiled  # the trace verify_block runs
+        verify = verify_block(model, width)
+    at = 3
+    for n in [5, 2, 5, 1, 4, 5, 3, 5]:  # block lengths: the padding changes position by position
+        logits = np.array(verify(mx.array(SEQ[at: at + n], mx.int32), cache))
+        assert logits.shape == (n, ref.shape[-1])
+        err = np.abs(logits - ref[at: at + n]).max()
+        assert err <= 1e-5, (at, n, err)
+        at += n
+        assert all(c.offset == at for c in cache)
+    # a rejected tail is trimmed as speculative_tokens trims it; the eager forward continues from there
+    for c in cache:
+        c.trim(2)
+    at -= 2
+    assert np.abs(np.array(model(mx.array([SEQ[at: at + 3]]), cache)[0]) - ref[at: at + 3]).max() <= 1e-5
