@@ -37,7 +37,7 @@ from .errors import ElmError
 from .generate import check_context
 from .sample import SequenceSampler, log_softmax
 from .speculative import Verifier
-from .step import batch_forward
+from .step import batch_forward, row_blocks
 
 MAX_TOP_LOGPROBS = 10  # OpenAI's limit
 
@@ -84,6 +84,7 @@ class BatchEngine:
         self.running: list[Sequence] = []
         self.cache = BatchCache(model, max_batch)
         self.compiled = batch_forward(model)  # looked up once: finding it walks the model's parameters
+        self.verify = row_blocks(model)  # a speculative row's block, compiled
         # Per row: the ids it holds when no sequence runs in it (a finished one's, kept for prefix
         # reuse), and when it was last given up.
         self.kept: list[list[int]] = [[] for _ in range(max_batch)]
@@ -97,8 +98,9 @@ class BatchEngine:
     def add(self, ids: list[int], max_tokens: int, *, eos_id: int | None = None, logprobs: int | None = None,
             proposer=None, **sampling) -> Sequence:
         """Queue a prompt; it starts at the next step with room. Sampling keywords as SequenceSampler's.
-        proposer: speculative decoding's (speculative.make_proposer): its guesses are verified in
-        the batch's forward, and its tokens follow what plain decoding draws (greedy: the same)."""
+        proposer: speculative decoding's (speculative.make_proposer): its guesses are verified in the
+        same step as the other rows' tokens, through the compiled forward on its own row (verify_row),
+        and its tokens follow what plain decoding draws (greedy: the same)."""
         if not ids:
             raise ElmError("the prompt is empty: expected at least one token (BOS)")
         check_context(len(ids), self.window)
@@ -141,16 +143,15 @@ class BatchEngine:
         decoding = [s for s in self.running if s.tokens and s.finish is None]
         blocks = {s: s.spec.block() for s in decoding if s.spec is not None}
         single = [s for s in decoding if s not in blocks or blocks[s].shape[0] == 1]
-        chunks = [(s, blocks[s].tolist()) for s in decoding if s in blocks and blocks[s].shape[0] > 1]
-        wanted = [len(ids) for _, ids in chunks]  # a speculative block: every position's logits
-        verified = len(chunks)
-        chunks += self._prefill_chunks()
-        wanted += [int(not s.todo) for s, _ in chunks[verified:]]  # a prompt's last chunk: its last position's
+        chunks = self._prefill_chunks()
+        wanted = [int(not s.todo) for s, _ in chunks]  # a prompt's last chunk: its last position's logits
         logits = {}
         if single:  # one token each, through the compiled step
             rows = decode(self.compiled, self.cache, {s.row: s.tokens[-1] for s in single})
             logits.update((s, rows[s.row: s.row + 1]) for s in single)
-        if chunks:  # speculative blocks and prompt chunks, eager
+        for s in [s for s in decoding if s not in single]:  # a speculative block, compiled, on its own row
+            logits[s] = verify_row(self.verify, self.cache, s.row, blocks[s], s.spec.proposer.num_tokens + 1)
+        if chunks:  # prompt chunks, eager
             read = forward(self.model, self.cache, [(s.row, ids) for s, ids in chunks], wanted)
             at = list(itertools.accumulate(wanted, initial=0))
             logits.update((s, read[i:j]) for (s, _), i, j in zip(chunks, at, at[1:]) if j > i)
@@ -325,6 +326,20 @@ def decode(compiled, cache: BatchCache, last: dict[int, int]) -> mx.array:
     for row in last:
         cache.lengths[row] += 1
     return logits
+
+
+def verify_row(compiled, cache: BatchCache, row: int, block: mx.array, width: int) -> mx.array:
+    """A speculative block (int32 [n <= width]) of one row through `compiled` (step.row_blocks'),
+    padded to `width` (scratch past the row's length) -> logits [n, vocab]; the row advances by n.
+    Run after the decode rows' step, whose scratch token at this row's first free position it
+    overwrites."""
+    n, offset = block.shape[0], cache.lengths[row]
+    cache.reserve(offset + width)
+    tokens = mx.concatenate([block, mx.zeros((width - n,), mx.int32)]) if n < width else block
+    logits, cache.keys, cache.values = compiled(tokens[None], mx.array([offset], mx.int32), cache.keys,
+                                                cache.values, mx.array([row], mx.int32))
+    cache.lengths[row] += n
+    return logits[0, :n]
 
 
 def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wanted: list[int]):

@@ -57,7 +57,7 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         return self.attend(q, k, v, mask)
 
-    def decode(self, x, offsets, rope, visible, keys, values):
+    def decode(self, x, offsets, rope, visible, keys, values, rows=None):
         """One token per row x[B, 1, dim], row b at position offsets[b] (int32
         array [B]): its key and value are written into rows 0..B-1 of the
         fixed-size buffers keys/values [R >= B, kv_heads, capacity, head_dim]
@@ -70,7 +70,7 @@ class Attention(nn.Module):
         and mx.fast.scaled_dot_product_attention, single kernels on a GPU.
         -> (out, keys, values)"""
         if x.shape[1] > 1:
-            return self.decode_block(x, offsets, rope, visible, keys, values)
+            return self.decode_block(x, offsets, rope, visible, keys, values, rows)
         B, n_q, n_kv, hd = x.shape[0], self.n_q, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).reshape(B, n_q + 2 * n_kv, 1, hd)
         q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
@@ -98,11 +98,12 @@ class Attention(nn.Module):
             out = mx.softmax(scores, axis=-1, precise=True) @ V
         return self.out_proj(out.reshape(B, 1, n_q * hd)), keys, values
 
-    def decode_block(self, x, offsets, rope, visible, keys, values):
+    def decode_block(self, x, offsets, rope, visible, keys, values, rows=None):
         """decode() for T > 1 tokens per row (x [B, T, dim]: a speculative block, or one token and
         scratch after it), row b's at positions offsets[b] .. offsets[b] + T - 1, `visible`
         [B, 1, T, capacity]. `rope` [B, 1, T, head_dim, head_dim] per position, with explicit GQA
-        attention (the CPU's fewer ops, as for one token); None: mx.fast's kernels."""
+        attention (the CPU's fewer ops, as for one token); None: mx.fast's kernels. `rows`
+        (int32 [B]): the buffer rows the blocks are (default 0..B-1), e.g. one batch row's."""
         B, T, n_q, n_kv, hd = *x.shape[:2], self.n_q, self.n_kv, self.head_dim
         qkv = self.qkv_proj(x).reshape(B, T, n_q + 2 * n_kv, hd).transpose(0, 2, 1, 3)
         q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
@@ -113,10 +114,13 @@ class Attention(nn.Module):
             q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
         else:
             q, k = ((a[:, :, :, None] @ rope)[:, :, :, 0] for a in (q, k))
-        rows, positions = mx.arange(B)[:, None], offsets[:, None] + mx.arange(T)[None]
-        keys[rows, :, positions] = k.transpose(0, 2, 1, 3)
-        values[rows, :, positions] = v.transpose(0, 2, 1, 3)
-        K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
+        at, positions = mx.arange(B) if rows is None else rows, offsets[:, None] + mx.arange(T)[None]
+        keys[at[:, None], :, positions] = k.transpose(0, 2, 1, 3)
+        values[at[:, None], :, positions] = v.transpose(0, 2, 1, 3)
+        if rows is not None:
+            K, V = keys[rows], values[rows]
+        else:
+            K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
         if rope is None:
             out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=visible)
         else:  # query head h reads KV head h // g; rows (i, t) of group g's queries see as position t does
@@ -152,8 +156,8 @@ class Block(nn.Module):
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 
-    def decode(self, x, offsets, rope, visible, keys, values):
-        a, keys, values = self.attn.decode(self.attn_norm(x), offsets, rope, visible, keys, values)
+    def decode(self, x, offsets, rope, visible, keys, values, rows=None):
+        a, keys, values = self.attn.decode(self.attn_norm(x), offsets, rope, visible, keys, values, rows)
         h = x + a
         return h + self.ffn(self.ffn_norm(h)), keys, values
 
@@ -199,7 +203,7 @@ class Model(nn.Module):
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)
 
-    def decode(self, token, offsets, keys: list, values: list, fused_kernels: bool | None = None):
+    def decode(self, token, offsets, keys: list, values: list, fused_kernels: bool | None = None, rows=None):
         """The compiled steps' forward (see the module docstring): token int32
         [B, 1], row b at position offsets[b] (int32 array [B]), per-layer KV
         buffers of one capacity whose rows 0..B-1 hold positions < offsets
@@ -207,7 +211,7 @@ class Model(nn.Module):
         (logits [B, vocab], keys, values) with these tokens' keys and values
         written in. token [B, T > 1] (speculative verification: row b's block
         at offsets[b] onward, each position seeing those before it) -> logits
-        [B, T, vocab]. fused_kernels: use mx.fast's RoPE and attention kernels
+        [B, T, vocab]; `rows` (int32 [B], T > 1 only): the buffer rows they are, if not 0..B-1. fused_kernels: use mx.fast's RoPE and attention kernels
         (default: on a GPU backend; see Attention.decode)."""
         t = self.transformer
         if fused_kernels is None:
@@ -221,7 +225,7 @@ class Model(nn.Module):
         h = t.token_embeddings(token)
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
-            h, k, v = layer.decode(h, offsets, rope, visible, k, v)
+            h, k, v = layer.decode(h, offsets, rope, visible, k, v, rows)
             new_keys.append(k)
             new_values.append(v)
         logits = self.head(t.norm(h))

@@ -12,12 +12,14 @@ building per token, ~1,400 nodes for that model (gpt-fast's design on MLX;
 Model.decode holds the step's forward). The batch engine's decode rows run
 the same forward over B rows at per-row offsets (`batch_forward`, one trace
 per capacity bucket and power-of-two B), with sampling per sequence outside
-it. A single sequence's speculative verification runs k + 1 positions through
-the same forward (`verify_block`, a fixed-width trace). Prefill, and the batch
-engine's prompt chunks and speculative blocks, stay eager (Model.__call__ and
-batch.forward: a block at full width on every row would cost the other rows
-k + 1 positions of attention each, BENCHMARKS.md); the eager forward is also the
-reference these steps must equal (tests/test_step.py, tests/test_batch.py)."""
+it. Speculative verification runs a block of k + 1 positions through the same
+forward, padded to a fixed width so one trace serves every block: a single
+sequence's (`verify_block`) and, in the batch engine, each speculative row's on
+its own row of the BatchCache (`row_blocks`, after the decode rows' step: a
+block at full width on every row would make all of them pay k + 1 positions of
+attention). Prefill and the batch engine's prompt chunks stay eager
+(Model.__call__ and batch.forward); the eager forward is also the reference
+these steps must equal (tests/test_step.py, tests/test_batch.py)."""
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -84,6 +86,13 @@ def batch_forward(model):
     One trace per (capacity bucket, B): the engine pads B to a power of two. Sampling stays per
     sequence (sample.SequenceSampler: its own penalties, random key and constraint), outside."""
     return _traced(model, "batch", lambda: mx.compile(model.decode))
+
+
+def row_blocks(model):
+    """The batch engine's compiled verification: (tokens int32 [1, width], offset int32 [1], keys,
+    values, row int32 [1]) -> (logits [1, width, vocab], keys, values): one row's speculative block
+    through the BatchCache buffers, beside the decode rows' step (one trace per capacity and width)."""
+    return _traced(model, "row", lambda: mx.compile(lambda t, o, k, v, r: model.decode(t, o, k, v, rows=r)))
 
 
 def verify_block(model, width: int):

@@ -332,3 +332,28 @@ def test_compiled_rows_across_capacity_and_batch_buckets_with_joins_leaves_and_r
         else:
             assert seq.tokens == alone(model, p, seq.max_tokens), n
     assert seqs[7].reused == len(first) - 1  # all it held: the prompt and 4 of its 5 tokens
+
+
+def test_a_rows_compiled_verification_equals_the_eager_forward_and_leaves_other_rows(model):
+    """batch.verify_row (a speculative block through the compiled forward, on its own row of the
+    BatchCache): the block's logits equal one eager forward over that row's ids and the block,
+    padded or not, and the other rows' cached positions are untouched."""
+    from elm_mlx.batch import BatchCache, forward, verify_row
+    from elm_mlx.step import row_blocks
+
+    cache = BatchCache(model, 4)
+    ids = prompts(4, seed=3)
+    forward(model, cache, list(enumerate(ids)), [0] * 4)  # four rows holding their prompts
+    before = [np.array(k) for k in cache.keys]
+    verify = row_blocks(model)
+    at = 2
+    for block in ([5, 9, 11, 13, 17], [7, 3]):
+        logits = np.array(verify_row(verify, cache, at, mx.array(block, mx.int32), 5))
+        ref = np.array(model(mx.array([ids[at] + block]))[0, -len(block):])
+        assert logits.shape == ref.shape and np.abs(logits - ref).max() <= 1e-5
+        ids[at] = ids[at] + block
+        assert cache.lengths == [len(p) for p in ids]
+    for k, old in zip(cache.keys, before):
+        rows = [r for r in range(4) if r != at]
+        n = min(len(ids[r]) for r in rows)
+        np.testing.assert_array_equal(np.array(k)[rows, :, :n], old[rows, :, :n])
