@@ -15,8 +15,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from elm_mlx import bench as b
+from elm_mlx.bench.machine import machine_label
 from elm_mlx.cache import make_cache
 from elm_mlx.checkpoint import parse_dtype
 from elm_mlx.quant import DEFAULT_GROUP_SIZE, LEVELS, RECIPE, UNIFORM
@@ -43,11 +42,6 @@ GEN_CPU = {"fp32": {"270M": 128, "450M": 64, "1_1B": 32, "3B": 16},
 
 def say(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine_label(env) -> str:
-    name = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-")
-    return f"{platform.system().lower()}-{platform.machine()}-{name}-{env['cpus']}cpu-{env['backend'].lower()}"
 
 
 def gen_tokens(args, dtype, size, backend):

@@ -272,26 +272,18 @@ def evaluate(model, data, batch_size: int, batches: int, rank=0, size=1, group=N
     return (total / count).item()
 
 
-def train(model, train_data, valid_data, cfg: TrainConfig, adapter_path: Path, resume: bool = False,
-          model_name: str | None = None, group=None, log=None, progress: bool = True) -> dict:
-    """Apply fresh adapters to `model` (or the saved ones with resume) and train them.
-    -> {"train": [(step, loss)], "valid": [(step, loss)], "step": last step, "interrupted": bool}."""
-    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
-    main = rank == 0
-    log = log or (lambda s: print(s, file=sys.stderr))
-    if cfg.batch_size % size:
-        raise ElmError(f"--batch-size {cfg.batch_size} must be a multiple of the {size} processes")
-    adapter_path = Path(adapter_path)
+def prepare(model, cfg: TrainConfig):
+    """Seed, wrap `model` in fresh adapters (in place) and return the optimizer that trains them."""
     mx.random.seed(cfg.seed)
     lora.apply_adapters(model, cfg.fine_tune_type, cfg.rank, cfg.scale, cfg.dropout, cfg.num_layers, cfg.keys)
     if cfg.grad_checkpoint:
         checkpoint_layers(model)
-    opt = optim.AdamW(learning_rate=schedule(cfg), betas=list(cfg.betas), weight_decay=cfg.weight_decay)
-    start = 0
-    if resume:
-        start = resume_state(model, opt, adapter_path, cfg)
-    model.train()
-    n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return optim.AdamW(learning_rate=schedule(cfg), betas=list(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def make_step(model, opt, cfg: TrainConfig, group=None):
+    """One optimizer step's graph: (tokens, offsets, lengths) -> (mean loss, target tokens), lazy.
+    Gradients of the global token-weighted sums (all_summed over `group`), clipped, then opt.update."""
 
     def step_fn(tokens, offsets, lengths):
         (s, c), grads = nn.value_and_grad(model, loss_sums)(model, tokens, offsets, lengths)
@@ -304,6 +296,36 @@ def train(model, train_data, valid_data, cfg: TrainConfig, adapter_path: Path, r
         opt.update(model, grads)
         return s / c, c
 
+    return step_fn
+
+
+def run_step(step_fn, model, opt, cfg: TrainConfig, step: int, batch):
+    """Training iteration `step` (1-based) on batch = make_batch(...), evaluated: -> (loss, ntok) arrays.
+    Exactly what train() does per iteration (bench/lora_train.py times it)."""
+    mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step (resumable)
+    loss, ntok = step_fn(*batch)
+    mx.eval(model.trainable_parameters(), opt.state, loss, ntok)
+    return loss, ntok
+
+
+def train(model, train_data, valid_data, cfg: TrainConfig, adapter_path: Path, resume: bool = False,
+          model_name: str | None = None, group=None, log=None, progress: bool = True) -> dict:
+    """Apply fresh adapters to `model` (or the saved ones with resume) and train them.
+    -> {"train": [(step, loss)], "valid": [(step, loss)], "step": last step, "interrupted": bool}."""
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    main = rank == 0
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if cfg.batch_size % size:
+        raise ElmError(f"--batch-size {cfg.batch_size} must be a multiple of the {size} processes")
+    adapter_path = Path(adapter_path)
+    opt = prepare(model, cfg)
+    start = 0
+    if resume:
+        start = resume_state(model, opt, adapter_path, cfg)
+    model.train()
+    n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+    step_fn = make_step(model, opt, cfg, group)
     order = batch_indices(len(train_data), cfg.batch_size, cfg.seed)
     for _ in range(start):
         next(order)  # replay the batch order up to where the saved run stopped
@@ -320,9 +342,7 @@ def train(model, train_data, valid_data, cfg: TrainConfig, adapter_path: Path, r
     step = start
     try:
         for step in range(start + 1, cfg.iters + 1):
-            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step (resumable)
-            loss, ntok = step_fn(*make_batch(train_data, next(order), rank, size))
-            mx.eval(model.trainable_parameters(), opt.state, loss, ntok)
+            loss, ntok = run_step(step_fn, model, opt, cfg, step, make_batch(train_data, next(order), rank, size))
             history["step"] = step
             loss_v = loss.item()
             losses.append(loss_v)

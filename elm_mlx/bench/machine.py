@@ -4,6 +4,7 @@ call, and how fast memory streams (the roofline for decoding)."""
 import ctypes
 import os
 import platform
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -116,3 +117,9 @@ def environment() -> dict:
     if env["backend"] == "CPU":
         env["blas"] = blas_library()
     return env
+
+
+def machine_label(env) -> str:
+    """The folder name of a machine's results: bench/results/<this>/ (from environment())."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", env["device_name"]).strip("-")
+    return f"{platform.system().lower()}-{platform.machine()}-{name}-{env['cpus']}cpu-{env['backend'].lower()}"
