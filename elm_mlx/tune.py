@@ -215,13 +215,21 @@ def schedule(cfg: TrainConfig):
 
 
 def checkpoint_layers(model):
-    """Recompute each block's activations in the backward pass (mx.checkpoint), as mlx-lm's --grad-checkpoint."""
+    """Recompute each block's activations in the backward pass (mx.checkpoint), as mlx-lm's
+    --grad-checkpoint, for this model's blocks only. Python looks __call__ up on the class, so the
+    class gets a wrapper once, and it checkpoints only the blocks marked here: every other model in
+    the process (a later load(), a benchmark) runs its blocks as before, its arrays untouched."""
     block = type(model.layers[0])
+    for layer in model.layers:
+        layer._elm_checkpoint = True
     if getattr(block, "_elm_checkpointed", False):
         return
     call = block.__call__
 
     def checkpointed(self, *args, **kwargs):
+        if not getattr(self, "_elm_checkpoint", False):
+            return call(self, *args, **kwargs)
+
         def inner(params, *a, **k):
             self.update(params)
             return call(self, *a, **k)

@@ -472,7 +472,8 @@ def test_a_tiny_trained_model_learns_the_facts_in_40_iterations(tiny_trained, to
 
 
 def test_grad_checkpoint_gives_the_same_curve(tmp_path, tok):
-    """Last in the file: --grad-checkpoint wraps the Block class (as mlx-lm does) for the rest of the process."""
+    """--grad-checkpoint recomputes the trained model's blocks, and no other model's: the Block class
+    gets a wrapper (Python looks __call__ up there) that passes every other instance through."""
     data = encoded(tok, FACTS)
     plain = tune.train(fresh_model(), data, [], small_cfg(iters=5), tmp_path / "a", progress=False)
     ckpt = tune.train(fresh_model(), data, [], small_cfg(iters=5, grad_checkpoint=True), tmp_path / "b",
@@ -481,3 +482,7 @@ def test_grad_checkpoint_gives_the_same_curve(tmp_path, tok):
 
     assert getattr(Block, "_elm_checkpointed", False)
     np.testing.assert_allclose([l for _, l in ckpt["train"]], [l for _, l in plain["train"]], rtol=1e-4)
+    other = fresh_model()  # a model loaded afterwards keeps its own arrays through a forward
+    before = dict(tree_flatten(other.parameters()))
+    mx.eval(other(mx.array([[1, 2, 3]])))
+    assert all(before[k] is v for k, v in tree_flatten(other.parameters()))
