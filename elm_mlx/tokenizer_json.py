@@ -53,7 +53,10 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 def read_tokenizer_json(path: Path) -> dict:
     """The parsed file, a JSON object; else one ElmError naming it."""
-    text = read_text(path, WHAT, JSON_LIMIT)
+    try:
+        text = read_text(path, WHAT, JSON_LIMIT)
+    except ElmError as e:  # not UTF-8, too large, unreadable: already names the file
+        raise ElmError(f"{e}. Pass the model's tokenizer.model with --tokenizer") from None
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, int too long, nested too deep
