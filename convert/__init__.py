@@ -192,7 +192,7 @@ def _write(tmp: Path, first, weights: dict, name: str, plan, tok: Tokenizer, lay
         # mlx-lm writes both; it and we read "quantization".
         meta |= {"quantization": quantization, "quantization_config": quantization}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.copyfile(tok.path, tmp / "tokenizer.model")
+    (tmp / "tokenizer.model").write_bytes(tok.model_bytes())  # rebuilt, if read from tokenizer.json
     if layout == "mlx-lm":
         from .mlx_lm import write_index, write_tokenizer_files
 

@@ -49,7 +49,8 @@ NoCompileOpt = Annotated[bool, typer.Option(
     "reference for comparisons).")]
 TokenizerOpt = Annotated[Optional[Path], typer.Option(
     help="Llama-2 tokenizer.model to use when the model folder has none (Apple's repos ship none); otherwise "
-    "an ungated hub copy is fetched and checked.")]
+    "it is rebuilt from the folder's tokenizer.json (mlx-lm's folders), else an ungated hub copy is fetched "
+    "and checked.")]
 AdapterPathOpt = Annotated[Optional[Path], typer.Option(
     "--adapter-path", help="A LoRA/DoRA adapter folder (adapter_config.json + adapters.safetensors, from "
     "`elm-mlx lora` or mlx_lm.lora) applied to the model.")]

@@ -10,7 +10,6 @@ base can be quantized on the way (quant). The folder appears whole or not at
 all (convert's atomic_folder)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,7 +53,7 @@ def fuse_to_folder(model, tok, source: Path, out: Path, dtype: str = "bf16", deq
     with atomic_folder(out) as tmp:
         save_safetensors(tmp / "model.safetensors", weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.copyfile(tok.path, tmp / "tokenizer.model")
+        (tmp / "tokenizer.model").write_bytes(tok.model_bytes())
         if tok.chat_template is not None:
             (tmp / TEMPLATE_FILE).write_text(self_contained(tok.chat_template))
     return out

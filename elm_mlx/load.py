@@ -94,7 +94,8 @@ def load(name_or_path: str, dtype: str | None = None, tokenizer: str | None = No
     id ("apple/OpenELM-3B"); hub models are downloaded and converted once.
     dtype: "bf16", "fp16" or "fp32"; default fp32 on the CPU backend, else
     bf16 (as stored for converted folders). tokenizer: a tokenizer.model
-    used when the model folder has none."""
+    used when the model folder has none (else one is rebuilt from the
+    folder's tokenizer.json, else the hub copy is used)."""
     folder = resolve(str(name_or_path), dtype, tokenizer)  # the hub copy keeps its stored dtype
     if adapter_path is not None:
         from .lora import read_adapter_config

@@ -1,15 +1,16 @@
 """The Llama-2 SentencePiece tokenizer that OpenELM uses, and where to find it.
 
 OpenELM checkpoints ship without a tokenizer; Apple points at the gated Llama-2 repo.
-We never need that gate: the model folder or a user-given file comes first, then an
-ungated hub copy that is only trusted because its sha256 matches the real one.
+We never need that gate: the model folder's tokenizer.model or a user-given file comes
+first, then a folder's tokenizer.json (mlx-lm's folders carry only that), from which
+Llama-2's SentencePiece model is rebuilt offline (tokenizer_json.py), then an ungated
+hub copy that is only trusted because its sha256 matches the real one.
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,11 +18,13 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .errors import ElmError, quoted
-from .files import read_bytes, read_text, regular_file
+from .files import read_bytes, regular_file
+from .tokenizer_json import build_model_proto, read_tokenizer_json
 
 TOKENIZER_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
 TOKENIZER_REPO = "hf-internal-testing/llama-tokenizer"
 TOKENIZER_FILE = "tokenizer.model"
+JSON_FILE = "tokenizer.json"
 
 
 def _replace_each_byte(err: UnicodeDecodeError) -> tuple[str, int]:
@@ -75,9 +78,26 @@ class StreamingDetokenizer:
 
 
 class Tokenizer:
+    """path: a SentencePiece tokenizer.model, or a Hugging Face tokenizer.json (a name
+    ending in .json) that Llama-2's model is rebuilt from."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._sp = spm.SentencePieceProcessor()
+        self._proto: bytes | None = None  # the model, when built rather than read from path
+        if self.path.suffix == ".json":
+            self._proto = build_model_proto(self.path)
+            self._sp.LoadFromSerializedProto(self._proto)
+        else:
+            self._load_file()
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self.vocab_size: int = self._sp.vocab_size()
+        self._table: tuple[list[bytes], frozenset[int]] | None = None
+        # An -Instruct model's ChatTemplate (set by load()); None for base models.
+        self.chat_template = None
+
+    def _load_file(self) -> None:
         regular_file(self.path, "tokenizer.model")  # a FIFO would block the load forever
         try:
             self._sp.Load(str(self.path))
@@ -86,12 +106,10 @@ class Tokenizer:
                 f"{self.path}: not a valid SentencePiece tokenizer.model ({e}). Replace it with "
                 f"the Llama-2 tokenizer.model (sha256 {TOKENIZER_SHA256})."
             ) from None
-        self.bos_id: int = self._sp.bos_id()
-        self.eos_id: int = self._sp.eos_id()
-        self.vocab_size: int = self._sp.vocab_size()
-        self._table: tuple[list[bytes], frozenset[int]] | None = None
-        # An -Instruct model's ChatTemplate (set by load()); None for base models.
-        self.chat_template = None
+
+    def model_bytes(self) -> bytes:
+        """The SentencePiece model, as a tokenizer.model file holds it (what convert writes)."""
+        return self._proto if self._proto is not None else read_bytes(self.path, "tokenizer.model")
 
     @property
     def bos_token_id(self) -> int:
@@ -168,7 +186,9 @@ class Tokenizer:
 
 
 def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None) -> Path:
-    """Find tokenizer.model: the model folder, then --tokenizer PATH, then the hub copy."""
+    """Find the tokenizer: the model folder's tokenizer.model, then --tokenizer PATH,
+    then the model folder's tokenizer.json (Tokenizer rebuilds the model from it),
+    then the hub copy of tokenizer.model."""
     if explicit is not None:
         explicit = Path(explicit).expanduser()
         if explicit.exists() and not explicit.is_file():
@@ -191,6 +211,8 @@ def resolve_tokenizer(model_dir: Path | None, explicit: str | Path | None = None
     if explicit is not None:
         return explicit
     searched.append("--tokenizer PATH (not given)")
+    if model_dir is not None and (Path(model_dir) / JSON_FILE).exists():
+        return Path(model_dir) / JSON_FILE
 
     try:
         # Imported here: it is slow to import and only needed when nothing local exists.
@@ -232,18 +254,15 @@ def load_tokenizer(model_dir: Path | None, explicit: str | Path | None = None) -
 
 def check_tokenizer_json(folder: Path, tok) -> None:
     """mlx-lm folders written with recent transformers carry tokenizer.json and
-    no tokenizer.model; the SentencePiece model then comes from --tokenizer or
-    the hub copy, and must be the one tokenizer.json describes."""
-    path = Path(folder) / "tokenizer.json"
-    if (Path(folder) / "tokenizer.model").exists() or not path.exists():
+    no tokenizer.model; a SentencePiece model from --tokenizer (or the hub copy)
+    must then be the one tokenizer.json describes. (One built from that file is.)"""
+    path = Path(folder) / JSON_FILE
+    if (Path(folder) / TOKENIZER_FILE).exists() or not path.exists() or tok.path == path:
         return
-    text = read_text(path, "Hugging Face tokenizer.json", 256 << 20)
-    try:
-        vocab = json.loads(text)["model"]["vocab"]
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-            raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
-        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab object of piece -> id)") from None
+    model = read_tokenizer_json(path).get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise ElmError(f"{path}: not a Hugging Face tokenizer.json (no model.vocab object of piece -> id)")
     pieces = tok.pieces()
     differ = [p for p, i in vocab.items() if not (0 <= i < len(pieces) and pieces[i] == p)]
     if differ or len(vocab) != len(pieces):

@@ -89,8 +89,8 @@ def test_mlx_lm_made_folders_load_with_no_flags(tmp_path, llama_tokenizer, kw):
 
     make_hf_checkpoint(tmp_path / "hf", TINY_32K, seed=73)
     folder = mlx_lm_convert(tmp_path / "hf", tmp_path / "community", llama_tokenizer, **kw)
-    # Today's mlx-lm writes tokenizer.json only: the SentencePiece model comes from
-    # --tokenizer (or the hub copy) and is checked against it.
+    # Today's mlx-lm writes tokenizer.json only: a SentencePiece model from --tokenizer
+    # is checked against it (with none, it is rebuilt from it: the test above).
     assert (folder / "tokenizer.json").exists() and not (folder / "tokenizer.model").exists()
     elm_mlx.load(str(folder), tokenizer=llama_tokenizer)
     # mlx-community's 2024 OpenELM folders also hold tokenizer.model: no flags at all.
@@ -139,6 +139,39 @@ def test_quantized_folder_with_a_wrong_entry_names_the_problem(tmp_path, llama_t
         load_model(out)
 
 
+def test_mlx_lm_folder_with_only_tokenizer_json_loads_offline(tmp_path, llama_tokenizer, offline_caches):
+    """No tokenizer.model, no --tokenizer, nothing cached, no network: Llama-2's SentencePiece
+    model is rebuilt from tokenizer.json, and the model generates what it does with tokenizer.model."""
+    from typer.testing import CliRunner
+
+    from elm_mlx.cli import app
+
+    make_hf_checkpoint(tmp_path / "hf", TINY_32K, seed=77)
+    folder = mlx_lm_convert(tmp_path / "hf", tmp_path / "community", llama_tokenizer)
+    assert not (folder / "tokenizer.model").exists()
+    model, tok = elm_mlx.load(str(folder), dtype="fp32")
+    assert tok.path == folder / "tokenizer.json"
+    text = elm_mlx.generate(model, tok, "Once upon a time", 12)
+    args = ["generate", "-M", str(folder), "Once upon a time", "-m", "12", "--dtype", "fp32"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == text + "\n"
+    # Written by convert as a tokenizer.model that loads without the JSON.
+    out = convert(folder, tmp_path / "ours", dtype="fp32", progress=False)
+    assert Tokenizer(out / "tokenizer.model").pieces() == tok.pieces()
+    shutil.copyfile(llama_tokenizer, folder / "tokenizer.model")
+    real_model, real_tok = elm_mlx.load(str(folder), dtype="fp32")
+    assert real_tok.path == folder / "tokenizer.model"
+    assert elm_mlx.generate(real_model, real_tok, "Once upon a time", 12) == text
+    assert tok.encode(TEXT) == real_tok.encode(TEXT)
+    (folder / "tokenizer.model").unlink()
+    (folder / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}')  # cut short
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(folder / "tokenizer.json") in r.stderr and "not valid JSON" in r.stderr and "--tokenizer" in r.stderr
+
+
 def test_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, llama_tokenizer):
     make_hf_checkpoint(tmp_path / "hf", TINY_32K, seed=76)
     folder = mlx_lm_convert(tmp_path / "hf", tmp_path / "community", llama_tokenizer)
@@ -149,6 +182,9 @@ def test_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, llama_tokeniz
     with pytest.raises(ElmError) as e:
         elm_mlx.load(str(folder), tokenizer=llama_tokenizer)
     assert str(folder / "tokenizer.json") in str(e.value) and "--tokenizer" in str(e.value)
+    with pytest.raises(ElmError) as e:  # nor is Llama-2's model built from it
+        elm_mlx.load(str(folder))
+    assert str(folder / "tokenizer.json") in str(e.value) and "not Llama-2's" in str(e.value)
 
 
 CHATS = [

@@ -1,4 +1,5 @@
 import hashlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -227,3 +228,121 @@ def test_garbage_tokenizer_file_is_named(tmp_path, offline_empty_hub):
     empty.write_bytes(b"")
     with pytest.raises(ElmError, match="empty.model"):
         Tokenizer(empty)
+
+
+# --- Llama-2's model rebuilt from a tokenizer.json (mlx_lm.convert's folders) ----------------
+
+CORPUS = TEXTS + [
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n\n\tif x:\n\t\tpass\n",
+    "".join(" " * n + "word" + "\n" * (n % 3) + "\t" * (n % 2) for n in range(1, 34)),
+    "   three leading, trailing three   ", "\n\nnewlines first", " ", "  ", "", "\u2581 literal lower-one-eighth block",
+    "Iñtërnâtiônàlizætiøn: Привет, мир! Γειά σου κόσμε. مرحبا بالعالم. שלום עולם. नमस्ते दुनिया. 안녕하세요 세계",
+    "数学是研究数量、结构、变化以及空间等概念的一门学科。東京は日本の首都です。",
+    "emoji 🧑🏽‍💻🏳️‍🌈 👍🏿 \U0001fae0 control \x00\x01\x7f and rare 𓀀 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ﷺ",
+    "URLs https://example.com/path?q=1&r=2#frag and e-mail a.b@c.de, numbers 3.14159 1,000,000 0x1F 1e-9",
+    "<s> </s> <unk> <0x41> typed as text",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory, llama_tokenizer) -> Path:
+    """tokenizer.json as `convert --to mlx-lm` (transformers) writes it, beside no tokenizer.model."""
+    from elm_mlx.convert.mlx_lm import write_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("json-only")
+    shutil.copyfile(llama_tokenizer, folder / "tokenizer.model")
+    write_tokenizer_files(folder)
+    (folder / "tokenizer.model").unlink()
+    return folder / "tokenizer.json"
+
+
+def readme_text() -> str:
+    return (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_model_built_from_tokenizer_json_is_llama2s(tokenizer_json, llama_tokenizer, sp):
+    built = spm.SentencePieceProcessor(model_proto=Tokenizer(tokenizer_json).model_bytes())
+    assert built.vocab_size() == sp.vocab_size() == 32000
+    for i in range(sp.vocab_size()):  # every piece, score and type
+        assert (built.id_to_piece(i), built.get_score(i), built.is_control(i), built.is_byte(i),
+                built.is_unknown(i), built.is_unused(i)) == \
+               (sp.id_to_piece(i), sp.get_score(i), sp.is_control(i), sp.is_byte(i), sp.is_unknown(i), sp.is_unused(i))
+    assert (built.bos_id(), built.eos_id(), built.unk_id(), built.pad_id()) == (1, 2, 0, -1)
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf
+    except ImportError:
+        return
+    ours, real = pb.ModelProto(), pb.ModelProto()
+    ours.ParseFromString(Tokenizer(tokenizer_json).model_bytes())
+    real.ParseFromString(llama_tokenizer.read_bytes())
+    assert ours.pieces == real.pieces and ours.normalizer_spec == real.normalizer_spec
+
+
+def test_tokenizer_built_from_json_encodes_and_decodes_as_the_real_one(tokenizer_json, tok, sp):
+    built = Tokenizer(tokenizer_json)
+    texts = CORPUS + readme_text().split("\n\n")
+    assert sum(len(t) for t in texts) > 20_000  # enough text for most merges to be exercised
+    for text in texts:
+        ids = tok.encode(text)
+        assert built.encode(text) == ids == [1] + sp.encode(text), text
+        assert built.encode(text, add_bos=False) == ids[1:]
+        assert built.decode(ids) == tok.decode(ids) == sp.decode(ids)
+        assert "".join(stream(built, ids)) == "".join(stream(tok, ids))
+        assert "".join(stream(built, ids[1:], continuation=True)) == "".join(stream(tok, ids[1:], continuation=True))
+    assert built.pieces() == tok.pieces()
+    assert [built.token_bytes(i) for i in range(built.vocab_size)] == [tok.token_bytes(i) for i in range(tok.vocab_size)]
+    assert (built.bos_id, built.eos_id, built.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
+
+
+def test_tokenizer_json_used_offline_when_the_folder_has_no_tokenizer_model(tokenizer_json, tmp_path,
+                                                                           offline_empty_hub, tok, llama_tokenizer):
+    folder = tmp_path / "json-only"
+    folder.mkdir()
+    shutil.copyfile(tokenizer_json, folder / "tokenizer.json")
+    assert resolve_tokenizer(folder) == folder / "tokenizer.json"
+    assert load_tokenizer(folder).encode("Once upon a time there was") == tok.encode("Once upon a time there was")
+    # It comes after --tokenizer and the folder's tokenizer.model.
+    assert resolve_tokenizer(folder, llama_tokenizer) == llama_tokenizer
+    shutil.copyfile(llama_tokenizer, folder / "tokenizer.model")
+    assert resolve_tokenizer(folder) == folder / "tokenizer.model"
+
+
+def _edit(data, change):
+    change(data)
+    return data
+
+
+def _swap(data):
+    vocab = data["model"]["vocab"]
+    vocab["▁hello"], vocab["▁world"] = vocab["▁world"], vocab["▁hello"]
+
+
+BAD_JSON = {
+    "not JSON": lambda good: b"{\"model\": ",
+    "nested deep": lambda good: b"[" * 100_000 + b"]" * 100_000,
+    "huge number": lambda good: b"{\"model\": " + b"9" * 100_000 + b"}",
+    "not UTF-8": lambda good: b"{\"model\": \"\xff\"}",
+    "a list": lambda good: b"[]",
+    "Unigram": lambda good: json.dumps({"model": {"type": "Unigram", "vocab": [["<unk>", 0.0]]}}).encode(),
+    "no merges": lambda good: json.dumps(_edit(json.loads(good), lambda d: d["model"].pop("merges"))).encode(),
+    "no byte fallback": lambda good: json.dumps(
+        _edit(json.loads(good), lambda d: d["model"].update(byte_fallback=False))).encode(),
+    "vocab ids": lambda good: json.dumps(
+        _edit(json.loads(good), lambda d: d["model"]["vocab"].update({"▁hello": 7}))).encode(),
+    "too few pieces": lambda good: json.dumps(
+        _edit(json.loads(good), lambda d: d["model"]["vocab"].pop("给"))).encode(),
+    "another vocabulary": lambda good: json.dumps(_edit(json.loads(good), _swap)).encode(),
+}
+
+
+@pytest.mark.parametrize("case", BAD_JSON)
+def test_tokenizer_json_that_is_not_llama2s_is_refused(case, tokenizer_json, tmp_path, offline_empty_hub):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes(BAD_JSON[case](tokenizer_json.read_bytes()))
+    with pytest.raises(ElmError) as e:
+        load_tokenizer(folder)
+    msg = str(e.value)
+    assert str(folder / "tokenizer.json") in msg and "--tokenizer" in msg, msg
+    assert case == "not UTF-8" or "Llama-2's tokenizer.json" in msg
+    assert len(msg.splitlines()) == 1
