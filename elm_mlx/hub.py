@@ -12,8 +12,9 @@ from .checkpoint import dtype_name, parse_dtype
 from .config import PRESETS, nearest_preset, preset_name
 from .errors import ArgumentError, ElmError, quoted
 
-# What an OpenELM repo needs; Apple's also hold remote code we never run.
-ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
+# What an OpenELM repo needs; Apple's also hold remote code we never run. tokenizer.json: what
+# mlx-community repos (mlx_lm.convert) carry instead of tokenizer.model (elm_mlx/tokenizer_json.py).
+ALLOW = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model", "tokenizer.json"]
 
 
 def cache_root() -> Path:

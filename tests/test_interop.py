@@ -172,6 +172,36 @@ def test_mlx_lm_folder_with_only_tokenizer_json_loads_offline(tmp_path, llama_to
     assert str(folder / "tokenizer.json") in r.stderr and "not valid JSON" in r.stderr and "--tokenizer" in r.stderr
 
 
+def test_a_hub_repo_with_only_tokenizer_json_is_downloaded_with_it(tmp_path, llama_tokenizer, monkeypatch,
+                                                                     offline_caches):
+    """An mlx-community-style hub id whose repo has tokenizer.json and no tokenizer.model: the
+    download asks for tokenizer.json with the weights, so nothing else is needed (the hub here
+    is a stand-in that hands out the files the allow-list matches, as snapshot_download does)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    import elm_mlx.hub as hub
+
+    make_hf_checkpoint(tmp_path / "hf", TINY_32K, seed=78)
+    folder = mlx_lm_convert(tmp_path / "hf", tmp_path / "community", llama_tokenizer)
+
+    def snapshot_download(repo, allow_patterns, **kwargs):
+        snap = tmp_path / "snapshots" / repo.replace("/", "--") / ("0" * 40)
+        snap.mkdir(parents=True, exist_ok=True)
+        for f in folder.iterdir():
+            if any(fnmatch.fnmatch(f.name, pattern) for pattern in allow_patterns):
+                shutil.copyfile(f, snap / f.name)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a: None)
+    model, tok = elm_mlx.load("someone/OpenELM-tiny-mlx", dtype="fp32")
+    reference, _ = elm_mlx.load(str(folder), dtype="fp32")
+    assert tok.pieces() == Tokenizer(llama_tokenizer).pieces()
+    assert elm_mlx.generate(model, tok, "Once upon a time", 8) == elm_mlx.generate(reference, tok, "Once upon a time", 8)
+
+
 def test_tokenizer_json_of_another_vocabulary_is_refused(tmp_path, llama_tokenizer):
     make_hf_checkpoint(tmp_path / "hf", TINY_32K, seed=76)
     folder = mlx_lm_convert(tmp_path / "hf", tmp_path / "community", llama_tokenizer)
