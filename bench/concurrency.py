@@ -47,13 +47,18 @@ def run_elm(model, ids: list, tokens: int) -> list:
     engine = BatchEngine(model, max_batch=len(ids))
     t0 = clock()
     seqs = [engine.add(p, tokens) for p in ids]
+    return [(t0, ts) for ts in drain(engine, seqs)]
+
+
+def drain(engine, seqs: list) -> list:
+    """Step `engine` until it is done: each sequence's token times, in the order of `seqs`."""
     times = {s.id: [] for s in seqs}
     while engine.has_work():
         out = engine.step()
         now = clock()
         for t in out:
             times[t.seq.id].append(now)
-    return [(t0, times[s.id]) for s in seqs]
+    return [times[s.id] for s in seqs]
 
 
 def burst(model, ids: list, lookup_ids: list | None, tokens: int, lookup: int) -> dict:
@@ -68,13 +73,7 @@ def burst(model, ids: list, lookup_ids: list | None, tokens: int, lookup: int) -
     seqs = [engine.add(p, tokens) for p in ids]
     if lookup_ids is not None:
         seqs.append(engine.add(lookup_ids, tokens, proposer=make_proposer(model, prompt_lookup=lookup)))
-    times = {s.id: [] for s in seqs}
-    while engine.has_work():
-        out = engine.step()
-        now = clock()
-        for t in out:
-            times[t.seq.id].append(now)
-    summary = summarize([(t0, times[s.id]) for s in seqs])
+    summary = summarize([(t0, ts) for ts in drain(engine, seqs)])
     spec = seqs[-1].spec.stats if lookup_ids is not None else None
     return {**summary, "texts": [s.tokens for s in seqs],
             "acceptance": spec.acceptance_rate if spec else None,
