@@ -14,7 +14,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"  # lm-eval's tasks load datasets (tests 
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_caches, "datasets")
 os.environ["ELM_MLX_CACHE"] = os.path.join(_caches, "elm-mlx")
 
-
+# Bind OpenBLAS before any test module imports mlx.core, as the elm-mlx command does
+# (elm_mlx/blas.py): a test that imports mlx first would otherwise leave the whole
+# session on MLX's reference BLAS (~4 GFLOP/s instead of ~175), and test what no user runs.
+import elm_mlx  # noqa: E402,F401
 
 # ---------------------------------------------------------------- shared fixtures
 import pytest  # noqa: E402

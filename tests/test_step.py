@@ -127,8 +127,12 @@ def test_step_writes_the_cache_generate_tokens_can_continue(model, small_buckets
     b = [next(ref) for _ in range(6)]
     ref.close()
     assert a == b and held == fresh[0].offset
-    assert all(np.array_equal(np.array(x), np.array(y)) for c, f in zip(cache, fresh)
-               for x, y in zip(c.state, f.state))
+    # Equal to float32 rounding, not bit for bit: the compiled step rotates by a matrix product
+    # (Model.rope_matrix), which an FMA-using BLAS such as OpenBLAS rounds in the last bit where
+    # mx.fast.rope does not (the reference BLAS happened to agree exactly).
+    for c, f in zip(cache, fresh):
+        for x, y in zip(c.state, f.state):
+            assert x.shape == y.shape and np.abs(np.array(x) - np.array(y)).max() <= 1e-5
 
 
 def test_traces_are_kept_per_sampling_setup(model):
