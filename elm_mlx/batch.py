@@ -2,20 +2,20 @@
 
 A decode step reads every weight once whether it serves one sequence or eight, so the
 server runs its requests through one `BatchEngine`: sequences join and leave between
-steps, and every step feeds each running sequence's last token, and the next chunk of
-any newcomer's prompt, through one forward.
+steps, and every step feeds each running sequence's last token through one compiled
+forward, and the next chunk of any newcomer's prompt through the eager one.
 
-Design decision: no padding and no mask. Each sequence owns a row of one `BatchCache`
-(per layer a [rows, kv heads, T, head_dim] buffer, per row the positions it holds). The
-new tokens of all sequences are packed along one axis, so the projections and the FFN,
-where the weights are read, run once for all of them; RoPE and the cache writes of the
-decoding rows are one operation per layer; only attention runs per sequence, over
-exactly that row's positions, with the calls the single-sequence path makes. This buys
-what mlx-lm's left-padded, masked `BatchKVCache` does not: a sequence's numbers come
-from the same operations as when it runs alone, so its tokens equal `generate_tokens`'
-tokens (greedy, or seeded), whoever runs beside it; and joining, leaving and prefix
-reuse never copy or re-pad a shared cache. The price is one attention call per sequence
-and layer (see BENCHMARKS.md, "Concurrent streams").
+Design decision: one row of one `BatchCache` per sequence (per layer a [rows, kv heads, T,
+head_dim] buffer, per row the positions it holds), no left padding. The decode rows run
+through the compiled forward (Model.decode, step.batch_forward): one token per row at that
+row's own position, each row's attention masked to exactly the positions it holds, so the
+projections and the FFN read the weights once for all rows and the step is one trace per
+(capacity bucket, power-of-two B). A prompt chunk runs through the eager forward on its own
+row (`prefill`), as `generate_tokens` reads a prompt; a speculative row's block runs compiled
+on its own row after the decode step (`verify_row`). A sequence's numbers come from the same
+operations whoever runs beside it, so its tokens equal `generate_tokens`' tokens (greedy, or
+seeded; tests/test_batch.py states the log-probability tolerance), and joining, leaving and prefix reuse never copy or re-pad a
+shared cache (mlx-lm's left-padded `BatchKVCache` does both).
 
 Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
 so a seeded request draws the same tokens beside any company. A newcomer's prompt is
@@ -37,7 +37,7 @@ from .errors import ElmError
 from .generate import check_context
 from .sample import SequenceSampler, log_softmax
 from .speculative import Verifier
-from .step import batch_forward, row_blocks
+from .step import batch_forward, padded, row_blocks
 
 MAX_TOP_LOGPROBS = 10  # OpenAI's limit
 
@@ -135,8 +135,9 @@ class BatchEngine:
     # ------------------------------------------------------------ stepping
 
     def step(self) -> list[Token]:
-        """Admit waiting sequences, then one forward over the batch: the last token of every
-        decoding sequence and up to `prefill_chunk` prompt tokens of admitted ones. Each decoding
+        """Admit waiting sequences, then one pass over the batch: the last token of every
+        decoding sequence (one compiled forward), speculative rows' blocks, and up to
+        `prefill_chunk` prompt tokens of admitted ones. Each decoding
         sequence gets one token, and so does one whose prompt this step finished reading."""
         self._drop_cancelled()
         self._admit()
@@ -144,17 +145,20 @@ class BatchEngine:
         blocks = {s: s.spec.block() for s in decoding if s.spec is not None}
         single = [s for s in decoding if s not in blocks or blocks[s].shape[0] == 1]
         chunks = self._prefill_chunks()
-        wanted = [int(not s.todo) for s, _ in chunks]  # a prompt's last chunk: its last position's logits
+        wanted = [not s.todo for s, _ in chunks]  # a prompt's last chunk: its last position's logits
         logits = {}
-        if single:  # one token each, through the compiled step
-            rows = decode(self.compiled, self.cache, {s.row: s.tokens[-1] for s in single})
+        spec = {s: (blocks[s], s.spec.proposer.num_tokens + 1) for s in decoding if s not in single}
+        if single:  # one token each, and speculative blocks beside them, through one compiled pass
+            rows, verified = decode(self.compiled, self.cache, {s.row: s.tokens[-1] for s in single},
+                                    {s.row: b for s, b in spec.items()})
             logits.update((s, rows[s.row: s.row + 1]) for s in single)
-        for s in [s for s in decoding if s not in single]:  # a speculative block, compiled, on its own row
-            logits[s] = verify_row(self.verify, self.cache, s.row, blocks[s], s.spec.proposer.num_tokens + 1)
-        if chunks:  # prompt chunks, eager
-            read = forward(self.model, self.cache, [(s.row, ids) for s, ids in chunks], wanted)
-            at = list(itertools.accumulate(wanted, initial=0))
-            logits.update((s, read[i:j]) for (s, _), i, j in zip(chunks, at, at[1:]) if j > i)
+            logits.update((s, verified[s.row]) for s in spec)
+        else:  # speculative rows only: each block compiled on its own row
+            logits.update((s, verify_row(self.verify, self.cache, s.row, *b)) for s, b in spec.items())
+        for (s, ids), last in zip(chunks, wanted):  # prompt chunks, eager, each on its row
+            read = prefill(self.model, self.cache, s.row, ids, last)
+            if read is not None:
+                logits[s] = read
         out = self._sample([s for s in logits if s.spec is None], [v for s, v in logits.items() if s.spec is None])
         for seq in [s for s in logits if s.spec is not None]:
             out += self._speculate(seq, logits[seq])
@@ -312,93 +316,67 @@ def batch_bucket(n: int, rows: int) -> int:
     return min(1 << (n - 1).bit_length(), rows)
 
 
-def decode(compiled, cache: BatchCache, last: dict[int, int]) -> mx.array:
+def decode(compiled, cache: BatchCache, last: dict[int, int], blocks: dict | None = None):
     """One token for each row in `last` ({row: its last token}), through the compiled step
-    `compiled` (step.batch_forward's) over rows 0..B-1. A row in that range with nothing to decode is fed a
-    dummy token at its first free position, scratch by definition (a row's positions past its
-    length are never read), so its kept prefix is untouched. -> logits [B, vocab] by row."""
+    `compiled` (step.batch_forward's) over rows 0..B-1, and in the same pass each speculative row's
+    block in `blocks` ({row: (block int32 [n <= width], width)}, padded to width). A row in 0..B-1
+    with nothing to decode is fed a dummy token at its first free position, scratch by definition
+    (a row's positions past its length are never read), so its kept prefix is untouched; a block
+    on such a row is written after it. -> (logits [B, vocab] by row, {row: its block's logits [n,
+    vocab]}); every row advances by what it was given."""
+    blocks = blocks or {}
     B = batch_bucket(max(last) + 1, cache.rows)
     offsets = cache.lengths[:B]
-    cache.reserve(max(offsets) + 1)
+    cache.reserve(max([o + 1 for o in offsets] + [cache.lengths[r] + w for r, (_, w) in blocks.items()]))
     tokens = mx.array([last.get(r, 0) for r in range(B)], mx.int32)[:, None]
-    logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32),
-                                                            cache.keys, cache.values)
+    parts = [(padded(block, width)[None], mx.array([cache.lengths[row]], mx.int32), mx.array([row], mx.int32))
+             for row, (block, width) in blocks.items()]
+    logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32), parts, cache.keys, cache.values)
     for row in last:
         cache.lengths[row] += 1
-    return logits
+    verified = {}
+    for (row, (block, _)), out in zip(blocks.items(), logits[1:]):
+        verified[row] = out[0, : block.shape[0]]
+        cache.lengths[row] += block.shape[0]
+    return logits[0], verified
 
 
 def verify_row(compiled, cache: BatchCache, row: int, block: mx.array, width: int) -> mx.array:
     """A speculative block (int32 [n <= width]) of one row through `compiled` (step.row_blocks'),
     padded to `width` (scratch past the row's length) -> logits [n, vocab]; the row advances by n.
-    Run after the decode rows' step, whose scratch token at this row's first free position it
-    overwrites."""
+    For a step in which no row decodes plainly (else the block joins decode()'s pass)."""
     n, offset = block.shape[0], cache.lengths[row]
     cache.reserve(offset + width)
-    tokens = mx.concatenate([block, mx.zeros((width - n,), mx.int32)]) if n < width else block
-    logits, cache.keys, cache.values = compiled(tokens[None], mx.array([offset], mx.int32), cache.keys,
+    logits, cache.keys, cache.values = compiled(padded(block, width)[None], mx.array([offset], mx.int32), cache.keys,
                                                 cache.values, mx.array([row], mx.int32))
     cache.lengths[row] += n
     return logits[0, :n]
 
 
-def forward(model, cache: BatchCache, segments: list[tuple[int, list[int]]], wanted: list[int]):
-    """One forward over several sequences: segments = [(cache row, new token ids)], one-token
-    (decode) segments first. The new tokens are packed along one axis, so the weights are read
-    once for all of them; attention runs per sequence over its own positions, with the calls
-    the single-sequence path makes (RoPE at the sequence's offset; a causal mask for more than
-    one token). wanted[i]: how many of segment i's last positions need logits (0; 1 for a decode
-    token or a prompt's last chunk; all of a speculative block). Returns those logits [n, vocab],
-    segment after segment (None when none is wanted)."""
-    t = model.transformer
-    h = t.token_embeddings(mx.array([i for _, ids in segments for i in ids])[None])
-    bounds = list(itertools.accumulate([len(ids) for _, ids in segments], initial=0))
-    rows = [row for row, _ in segments]
-    offsets = [cache.lengths[row] for row in rows]
-    decoding = next((i for i, (_, ids) in enumerate(segments) if len(ids) > 1), len(segments))
-    plan = (rows, offsets, bounds, decoding)
-    cache.reserve(max(o + len(ids) for o, (_, ids) in zip(offsets, segments)))
-    for n, layer in enumerate(t.layers):
-        h = h + _attention(layer.attn, layer.attn_norm(h), cache, n, plan)
-        h = h + layer.ffn(layer.ffn_norm(h))
-    for row, (_, ids) in zip(rows, segments):
-        cache.lengths[row] += len(ids)
-    picks = [p for end, w in zip(bounds[1:], wanted) for p in range(end - int(w), end)]
-    if not picks:  # only a prompt chunk that is not its prompt's last: no logits are wanted
-        return None
-    h = t.norm(h)
-    h = h[:, mx.array(picks, mx.int32), :]
-    logits = model.lm_head(h) if "lm_head" in model else t.token_embeddings.as_linear(h)
-    return logits[0]
+def prefill(model, cache: BatchCache, row: int, ids: list[int], logits: bool):
+    """A prompt chunk of one row through the eager forward (Model.__call__, as `generate_tokens` reads a
+    prompt), its keys and values written into the row at its length -> the last position's logits
+    [1, vocab] if `logits` (the prompt's last chunk), else None."""
+    cache.reserve(cache.lengths[row] + len(ids))
+    rows = [RowCache(cache, row, layer) for layer in range(len(cache.keys))]
+    tokens = mx.array(ids, mx.int32)[None]
+    out = model(tokens, rows, last_only=True)[0] if logits else model.transformer(tokens, rows)
+    cache.lengths[row] += len(ids)
+    return out if logits else None
 
 
-def _attention(attn, x, cache: BatchCache, layer: int, plan):
-    rows, offsets, bounds, D = plan
-    N = x.shape[1]
-    qkv = attn.qkv_proj(x).reshape(1, N, attn.n_q + 2 * attn.n_kv, attn.head_dim)
-    q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [attn.n_q, attn.n_q + attn.n_kv], axis=1)
-    if "q_norm" in attn:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    rope = dict(traditional=False, base=attn.rope_base, scale=1.0)
-    K, V = cache.keys[layer], cache.values[layer]
-    scale, outs = attn.head_dim**-0.5, []
-    if D:  # one token each: RoPE and the cache writes for all of them at once
-        at = mx.array(offsets[:D])
-        qd, kd = (mx.fast.rope(a[:, :, :D].transpose(2, 1, 0, 3), attn.head_dim, offset=at, **rope) for a in (q, k))
-        where = mx.array(rows[:D])
-        K[where, :, at] = kd[:, :, 0]
-        V[where, :, at] = v[0, :, :D].transpose(1, 0, 2)
-        for j in range(D):
-            r, end = rows[j], offsets[j] + 1
-            outs.append(mx.fast.scaled_dot_product_attention(qd[j: j + 1], K[r: r + 1, :, :end], V[r: r + 1, :, :end],
-                                                             scale=scale).transpose(2, 1, 0, 3))
-    for r, o, start, end in list(zip(rows, offsets, bounds, bounds[1:]))[D:]:
-        qs, ks = (mx.fast.rope(a[:, :, start:end], attn.head_dim, offset=o, **rope) for a in (q, k))
-        K[r: r + 1, :, o: o + end - start] = ks
-        V[r: r + 1, :, o: o + end - start] = v[:, :, start:end]
-        outs.append(mx.fast.scaled_dot_product_attention(qs, K[r: r + 1, :, : o + end - start],
-                                                         V[r: r + 1, :, : o + end - start], scale=scale,
-                                                         mask="causal" if end - start > 1 else None))
-    cache.keys[layer], cache.values[layer] = K, V
-    out = mx.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
-    return attn.out_proj(out.transpose(0, 2, 1, 3).reshape(1, N, -1))
+class RowCache:
+    """One row and layer of a BatchCache as Model.__call__'s cache (`offset`, `update_and_fetch`): a
+    chunk's keys and values go in at the row's length, and attention reads exactly the row's positions,
+    what the sequence's own KVCache would hold."""
+
+    def __init__(self, cache: BatchCache, row: int, layer: int):
+        self.cache, self.row, self.layer = cache, row, layer
+        self.offset = cache.lengths[row]
+
+    def update_and_fetch(self, k, v):
+        r, end = self.row, self.offset + k.shape[2]
+        keys, values = self.cache.keys[self.layer], self.cache.values[self.layer]
+        keys[r: r + 1, :, self.offset: end] = k  # in place: the cache's list holds these same arrays
+        values[r: r + 1, :, self.offset: end] = v
+        return keys[r: r + 1, :, :end], values[r: r + 1, :, :end]

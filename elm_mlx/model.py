@@ -2,19 +2,36 @@
 (layer-wise scaling); module names follow Apple's HF checkpoints so their
 safetensors load without renaming.
 
-Two forwards share the layers' arithmetic: `Model.__call__` is the eager
-reference (any number of tokens, the cache grows and is sliced in Python), and
-`Model.decode` is a pure function of one token, its position as an array and
+Two forwards, and one copy of each layer's arithmetic (Attention.qkv and
+project_out, the FFN, the norms): `Model.__call__` is the eager reference (any
+number of tokens through any cache with `offset` and `update_and_fetch`: a
+sequence's KVCache, or a row of the batch engine's BatchCache), and
+`Model.decode` is a pure function of T tokens per row (one when decoding, a
+fixed width when verifying a speculative block), their positions as arrays and
 fixed-size KV buffers, so that `mx.compile` traces it once per buffer size and
 replays it for every token (elm_mlx/step.py)."""
 
+import itertools
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .config import OpenELMConfig
+
+
+class Position(NamedTuple):
+    """Where one part of a compiled forward's tokens go (Model.position): B rows of T tokens, row b's
+    at offsets[b] (int32 [B]) onward in buffer row rows[b] (None: row b), each query seeing the
+    positions `visible` (bool [B, 1, T, capacity]) marks; rope: the rotations as matrices (None:
+    mx.fast's kernels)."""
+    offsets: mx.array
+    rows: mx.array | None
+    visible: mx.array
+    rope: mx.array | None
+    shape: tuple
 
 
 class Attention(nn.Module):
@@ -31,25 +48,35 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
             self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
 
-    def qkv(self, x, offset):
-        """Queries, keys and values [B, heads, L, head_dim] of x, rotated for
-        positions offset.. (an int, or an int32 array in a compiled step)."""
-        B, L, _ = x.shape
-        qkv = self.qkv_proj(x).reshape(B, L, self.n_q + 2 * self.n_kv, self.head_dim)
-        q, k, v = mx.split(qkv.transpose(0, 2, 1, 3), [self.n_q, self.n_q + self.n_kv], axis=1)
+    def qkv(self, x, offset, rope=None):
+        """Queries, keys and values [B, heads, T, head_dim] of x [B, T, dim], rotated
+        for positions offset.. (an int, or int32 [B] in a compiled step). rope: each
+        row's rotation as a matrix instead of mx.fast.rope (Model.rope_matrix; [B, 1,
+        hd, hd] for one token, [B, 1, T, hd, hd] for T), see decode."""
+        return self.heads(self.qkv_proj(x), offset, rope)
+
+    def heads(self, qkv, offset, rope):
+        """qkv() of the projection qkv [B, T, (n_q + 2 n_kv) head_dim]."""
+        B, T, n_q, n_kv, hd = *qkv.shape[:2], self.n_q, self.n_kv, self.head_dim
+        # Heads-major: a reshape when T = 1, else a transpose.
+        qkv = qkv.reshape(B, n_q + 2 * n_kv, 1, hd) if T == 1 else qkv.reshape(B, T, -1, hd).transpose(0, 2, 1, 3)
+        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         # Keys are cached after RoPE, so each step rotates only its new positions.
-        q = mx.fast.rope(q, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=offset)
-        return q, k, v
+        if rope is None:
+            at = offset if isinstance(offset, int) or B > 1 else offset[0]
+            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=at)
+            return mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate), v
+        if T == 1:
+            return q @ rope, k @ rope, v
+        return *((a[:, :, :, None] @ rope)[:, :, :, 0] for a in (q, k)), v
 
     def attend(self, q, k, v, mask):
         # GQA: SDPA maps query head h to KV head h // (n_q / n_kv) itself, so
         # K and V are never repeated.
-        B, _, L, _ = q.shape
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.out_proj(merge_heads(out, q.shape[2]))
 
     def __call__(self, x, mask=None, cache=None):
         q, k, v = self.qkv(x, cache.offset if cache is not None else 0)
@@ -57,79 +84,67 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
         return self.attend(q, k, v, mask)
 
-    def decode(self, x, offsets, rope, visible, keys, values, rows=None):
-        """One token per row x[B, 1, dim], row b at position offsets[b] (int32
-        array [B]): its key and value are written into rows 0..B-1 of the
-        fixed-size buffers keys/values [R >= B, kv_heads, capacity, head_dim]
-        at that position, and it attends to the positions `visible` (bool
-        [B, 1, 1, capacity]) marks. Heads-major is a reshape when L = 1.
-        `rope`: each row's rotation as a [B, 1, head_dim, head_dim] matrix
-        (Model.rope_matrix), with attention as an explicit GQA matmul pair:
-        fewer, larger ops than the CPU backend's composed mx.fast kernels,
-        since a CPU decode step is bound by their count. None: mx.fast.rope
-        and mx.fast.scaled_dot_product_attention, single kernels on a GPU.
-        -> (out, keys, values)"""
-        if x.shape[1] > 1:
-            return self.decode_block(x, offsets, rope, visible, keys, values, rows)
-        B, n_q, n_kv, hd = x.shape[0], self.n_q, self.n_kv, self.head_dim
-        qkv = self.qkv_proj(x).reshape(B, n_q + 2 * n_kv, 1, hd)
-        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is None:
-            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offsets if B > 1 else offsets[0])
-            q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
+    def decode(self, x, parts: list, keys, values):
+        """The compiled forward's attention (Model.decode_parts): x holds the tokens of `parts`, each
+        part B rows of T tokens (T = 1: decoding; T > 1: a speculative block, or one token and scratch
+        after it) -- x [B, T, dim] for one part, else all packed as [1, sum B * T, dim], so that the
+        projections read the weights once. Per part (a Position): row b's tokens are at positions
+        offsets[b] .. offsets[b] + T - 1; their keys and values are written into buffer rows `rows`
+        (default 0..B-1) of the fixed-size keys/values [R, kv_heads, capacity, head_dim], and each
+        query attends to the positions `visible` marks. -> (out, keys, values)"""
+        qkv = self.qkv_proj(x)
+        if len(parts) == 1:
+            blocks = [qkv]
         else:
-            q, k = q @ rope, k @ rope
-        if B == 1:  # one row (the single-sequence step): a slice update
+            sizes = [p.shape for p in parts]
+            cuts = list(itertools.accumulate(b * t for b, t in sizes))[:-1]
+            blocks = [a.reshape(b, t, -1) for a, (b, t) in zip(mx.split(qkv[0], cuts), sizes)]
+        outs = []
+        for qkv, part in zip(blocks, parts):
+            out, keys, values = self.cached_attention(qkv, part, keys, values)
+            outs.append(out)
+        out = outs[0] if len(outs) == 1 else mx.concatenate([o.reshape(1, -1, o.shape[-1]) for o in outs], axis=1)
+        return self.out_proj(out), keys, values
+
+    def cached_attention(self, qkv, part, keys, values):
+        """One part's attention over the KV buffers (decode), its new keys and values written in.
+        `part.rope` set: RoPE as matrices and attention as an explicit GQA matmul pair, fewer,
+        larger ops than the CPU backend's composed mx.fast kernels, since a CPU decode step is
+        bound by their count. None: mx.fast.rope and mx.fast.scaled_dot_product_attention, single
+        kernels on a GPU. -> (heads merged [B, T, n_q * head_dim], keys, values)"""
+        (B, T), hd, offsets, rows = qkv.shape[:2], self.head_dim, part.offsets, part.rows
+        q, k, v = self.heads(qkv, offsets, part.rope)
+        if rows is None and B == 1 and T == 1:  # the single-sequence step: a slice update
             keys = mx.slice_update(keys, k, offsets, axes=(2,))
             values = mx.slice_update(values, v, offsets, axes=(2,))
-        else:  # each row at its own position: one scatter
-            rows = mx.arange(B)
-            keys[rows, :, offsets] = k[:, :, 0]
-            values[rows, :, offsets] = v[:, :, 0]
-        K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
-        if rope is None:
-            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=visible)
-        else:
-            # Query head h reads KV head h // (n_q / n_kv), as SDPA does.
-            q = (q * hd**-0.5).reshape(B, n_kv, n_q // n_kv, hd)
-            scores = mx.where(visible, q @ K.swapaxes(-1, -2), -mx.inf)
-            out = mx.softmax(scores, axis=-1, precise=True) @ V
-        return self.out_proj(out.reshape(B, 1, n_q * hd)), keys, values
-
-    def decode_block(self, x, offsets, rope, visible, keys, values, rows=None):
-        """decode() for T > 1 tokens per row (x [B, T, dim]: a speculative block, or one token and
-        scratch after it), row b's at positions offsets[b] .. offsets[b] + T - 1, `visible`
-        [B, 1, T, capacity]. `rope` [B, 1, T, head_dim, head_dim] per position, with explicit GQA
-        attention (the CPU's fewer ops, as for one token); None: mx.fast's kernels. `rows`
-        (int32 [B]): the buffer rows the blocks are (default 0..B-1), e.g. one batch row's."""
-        B, T, n_q, n_kv, hd = *x.shape[:2], self.n_q, self.n_kv, self.head_dim
-        qkv = self.qkv_proj(x).reshape(B, T, n_q + 2 * n_kv, hd).transpose(0, 2, 1, 3)
-        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is None:
-            rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=offsets if B > 1 else offsets[0])
-            q, k = mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate)
-        else:
-            q, k = ((a[:, :, :, None] @ rope)[:, :, :, 0] for a in (q, k))
-        at, positions = mx.arange(B) if rows is None else rows, offsets[:, None] + mx.arange(T)[None]
-        keys[at[:, None], :, positions] = k.transpose(0, 2, 1, 3)
-        values[at[:, None], :, positions] = v.transpose(0, 2, 1, 3)
+        else:  # each row at its own positions: one scatter
+            at = mx.arange(B) if rows is None else rows
+            if T == 1:
+                keys[at, :, offsets], values[at, :, offsets] = k[:, :, 0], v[:, :, 0]
+            else:
+                positions = offsets[:, None] + mx.arange(T)[None]
+                keys[at[:, None], :, positions] = k.transpose(0, 2, 1, 3)
+                values[at[:, None], :, positions] = v.transpose(0, 2, 1, 3)
         if rows is not None:
             K, V = keys[rows], values[rows]
         else:
             K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
-        if rope is None:
-            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=visible)
-        else:  # query head h reads KV head h // g; rows (i, t) of group g's queries see as position t does
-            g = n_q // n_kv
-            q = (q * hd**-0.5).reshape(B, n_kv, g * T, hd)
-            seen = mx.broadcast_to(visible[:, :, None], (B, 1, g, T, visible.shape[-1])).reshape(B, 1, g * T, -1)
-            scores = mx.where(seen, q @ K.swapaxes(-1, -2), -mx.inf)
-            out = (mx.softmax(scores, axis=-1, precise=True) @ V).reshape(B, n_q, T, hd)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)), keys, values
+        if part.rope is None:
+            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=part.visible)
+            return merge_heads(out, T), keys, values
+        # Query head h reads KV head h // g, as SDPA does: group g's queries are rows (i, t) of one matmul.
+        g = self.n_q // self.n_kv
+        q = (q * hd**-0.5).reshape(B, self.n_kv, g * T, hd)
+        seen = part.visible if T == 1 else mx.tile(part.visible, (1, 1, g, 1))
+        scores = mx.where(seen, q @ K.swapaxes(-1, -2), -mx.inf)
+        out = mx.softmax(scores, axis=-1, precise=True) @ V
+        return merge_heads(out if T == 1 else out.reshape(B, self.n_q, T, hd), T), keys, values
+
+
+def merge_heads(out, T: int):
+    """Heads [B, n_q, T, head_dim] (for T = 1 any [B, ..., head_dim] in head order) -> [B, T, n_q * head_dim]."""
+    B = out.shape[0]
+    return out.reshape(B, 1, -1) if T == 1 else out.transpose(0, 2, 1, 3).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):
@@ -156,8 +171,8 @@ class Block(nn.Module):
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
 
-    def decode(self, x, offsets, rope, visible, keys, values, rows=None):
-        a, keys, values = self.attn.decode(self.attn_norm(x), offsets, rope, visible, keys, values, rows)
+    def decode(self, x, parts: list, keys, values):
+        a, keys, values = self.attn.decode(self.attn_norm(x), parts, keys, values)
         h = x + a
         return h + self.ffn(self.ffn_norm(h)), keys, values
 
@@ -211,25 +226,51 @@ class Model(nn.Module):
         (logits [B, vocab], keys, values) with these tokens' keys and values
         written in. token [B, T > 1] (speculative verification: row b's block
         at offsets[b] onward, each position seeing those before it) -> logits
-        [B, T, vocab]; `rows` (int32 [B], T > 1 only): the buffer rows they are, if not 0..B-1. fused_kernels: use mx.fast's RoPE and attention kernels
-        (default: on a GPU backend; see Attention.decode)."""
+        [B, T, vocab]. `rows` (int32 [B]): the buffer rows they are, if not
+        0..B-1. fused_kernels: use mx.fast's RoPE and attention kernels
+        (default: on a GPU backend; see Attention.cached_attention)."""
+        (logits,), keys, values = self.decode_parts([(token, offsets, rows)], keys, values, fused_kernels)
+        return logits, keys, values
+
+    def decode_parts(self, parts: list, keys: list, values: list, fused_kernels: bool | None = None):
+        """decode() of several parts in one pass: parts [(token [B, T], offsets [B], rows [B] or None)],
+        e.g. the batch engine's decode rows and a speculative row's block. Their tokens are packed along
+        one axis for the projections and the FFN, so the weights are read once; attention runs per part.
+        A later part's writes land after an earlier one's (a decode row's scratch token, then a block at
+        the same position). -> ([logits per part, as decode()'s], keys, values)"""
         t = self.transformer
         if fused_kernels is None:
             fused_kernels = mx.default_device() != mx.cpu
-        B, T = token.shape
-        # Query t of row b sees positions <= offsets[b] + t.
-        last = offsets[:, None] + mx.arange(T)[None]
-        visible = (mx.arange(keys[0].shape[2])[None, None] <= last[:, :, None]).reshape(B, 1, T, -1)
-        rope = None if fused_kernels else self.rope_matrix(last.reshape(-1)).reshape(B, 1, T, *([self.config.head_dim] * 2))
-        rope = rope[:, :, 0] if T == 1 and rope is not None else rope  # [B, 1, hd, hd] for one token
-        h = t.token_embeddings(token)
+        where = [self.position(token.shape, offsets, rows, keys[0].shape[2], fused_kernels)
+                 for token, offsets, rows in parts]
+        if len(parts) == 1:
+            h = t.token_embeddings(parts[0][0])
+        else:
+            h = t.token_embeddings(mx.concatenate([token.reshape(1, -1) for token, _, _ in parts], axis=1))
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
-            h, k, v = layer.decode(h, offsets, rope, visible, k, v, rows)
+            h, k, v = layer.decode(h, where, k, v)
             new_keys.append(k)
             new_values.append(v)
         logits = self.head(t.norm(h))
-        return (logits[:, -1, :] if T == 1 else logits), new_keys, new_values
+        if len(parts) == 1:
+            blocks = [logits]
+        else:
+            cuts = list(itertools.accumulate(b * n for b, n in (p.shape for p in where)))[:-1]
+            blocks = [a.reshape(*p.shape, -1) for a, p in zip(mx.split(logits[0], cuts), where)]
+        return [a[:, -1, :] if a.shape[1] == 1 else a for a in blocks], new_keys, new_values
+
+    def position(self, shape, offsets, rows, capacity: int, fused_kernels: bool) -> "Position":
+        """Where a part's tokens [B, T] sit (decode_parts): query t of row b is at offsets[b] + t and
+        sees the positions up to it."""
+        B, T = shape
+        last = offsets[:, None] + mx.arange(T)[None]
+        visible = (mx.arange(capacity)[None, None] <= last[:, :, None]).reshape(B, 1, T, -1)
+        rope = None
+        if not fused_kernels:
+            rope = self.rope_matrix(last.reshape(-1)).reshape(B, 1, T, *([self.config.head_dim] * 2))
+            rope = rope[:, :, 0] if T == 1 else rope  # [B, 1, hd, hd] for one token
+        return Position(offsets, rows, visible, rope, (B, T))
 
     def rope_matrix(self, offsets):
         """R[b] with x @ R[b] == mx.fast.rope(x, offset=offsets[b]) (non-traditional,

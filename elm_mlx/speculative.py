@@ -205,7 +205,7 @@ def make_proposer(target, prompt_lookup=0, ngram=DEFAULT_NGRAM, draft_model=None
 class Verifier:
     """One sequence's speculative decoding, apart from the forward that checks its guesses (so
     that `speculative_tokens` runs it on its own cache and the batch engine on a row of its
-    packed forward): `first(logits)` picks the token after the prompt, `block()` gives the
+    cache): `first(logits)` picks the token after the prompt, `block()` gives the
     tokens to read next (the pending token, then up to k guesses), and `settle(logits)` turns
     the target's logits at those positions into the tokens produced and the number of cache
     positions to trim. `key`: the random key of the draws (None: MLX's global generator).

@@ -11,15 +11,18 @@ elementwise work, and replays the trace for every token: no Python graph
 building per token, ~1,400 nodes for that model (gpt-fast's design on MLX;
 Model.decode holds the step's forward). The batch engine's decode rows run
 the same forward over B rows at per-row offsets (`batch_forward`, one trace
-per capacity bucket and power-of-two B), with sampling per sequence outside
-it. Speculative verification runs a block of k + 1 positions through the same
-forward, padded to a fixed width so one trace serves every block: a single
-sequence's (`verify_block`) and, in the batch engine, each speculative row's on
-its own row of the BatchCache (`row_blocks`, after the decode rows' step: a
-block at full width on every row would make all of them pay k + 1 positions of
-attention). Prefill and the batch engine's prompt chunks stay eager
-(Model.__call__ and batch.forward); the eager forward is also the reference
-these steps must equal (tests/test_step.py, tests/test_batch.py)."""
+per capacity bucket, power-of-two B and block widths), with sampling per
+sequence outside it. Speculative verification runs a block of k + 1 positions
+through the same forward, padded to a fixed width so one trace serves every
+block: a single sequence's (`verify_block`) and, in the batch engine, each
+speculative row's as a part of the decode rows' pass (Model.decode_parts: the
+tokens packed for the projections and the FFN, so the weights are read once;
+attention per part, so no row pays k + 1 positions of attention but the
+speculative one), or alone on its row when no row decodes plainly
+(`row_blocks`). Prefill and the batch engine's prompt chunks stay eager
+(Model.__call__; a chunk on its row of the BatchCache, batch.prefill); the
+eager forward is also the reference these steps must equal
+(tests/test_step.py, tests/test_batch.py)."""
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -80,12 +83,18 @@ def _traced(model, name, build):
 
 
 def batch_forward(model):
-    """The batch engine's compiled decode forward: (tokens int32 [B, 1], offsets int32 [B], keys,
-    values) -> (logits [B, vocab], keys, values), where keys/values are the BatchCache's per-layer
-    [rows >= B, kv heads, capacity, head_dim] buffers and row b decodes at position offsets[b].
-    One trace per (capacity bucket, B): the engine pads B to a power of two. Sampling stays per
-    sequence (sample.SequenceSampler: its own penalties, random key and constraint), outside."""
-    return _traced(model, "batch", lambda: mx.compile(model.decode))
+    """The batch engine's compiled decode forward: (tokens int32 [B, 1], offsets int32 [B], blocks,
+    keys, values) -> ([logits [B, vocab], then each block's [1, width, vocab]], keys, values), where
+    keys/values are the BatchCache's per-layer [rows >= B, kv heads, capacity, head_dim] buffers, row
+    b decodes at position offsets[b], and blocks = [(tokens int32 [1, width], offset int32 [1], row
+    int32 [1])] are speculative rows' blocks verified in the same pass (Model.decode_parts: the
+    weights read once). One trace per (capacity bucket, B, block widths): the engine pads B to a
+    power of two. Sampling stays per sequence (sample.SequenceSampler: its own penalties, random
+    key and constraint), outside."""
+    def run(tokens, offsets, blocks, keys, values):
+        return model.decode_parts([(tokens, offsets, None)] + [tuple(b) for b in blocks], keys, values)
+
+    return _traced(model, "batch", lambda: mx.compile(run))
 
 
 def row_blocks(model):
@@ -100,16 +109,15 @@ def verify_block(model, width: int):
     cache) -> logits [n, vocab] at the block's positions, the cache advanced by n. The block is
     padded to `width` (the proposer's k + 1), so one trace per capacity bucket serves every block;
     the padding's cache positions lie past the offset, scratch. The same Model.decode trace
-    family as batch_forward, over one row and `width` positions."""
-    compiled = batch_forward(model)
+    family as row_blocks', over one sequence and `width` positions."""
+    compiled = _traced(model, "block", lambda: mx.compile(model.decode))
 
     def run(block, cache):
         n = block.shape[0]
         c0 = cache[0]
         for c in cache:
             c.reserve(width, c.keys, c.values)
-        padded = mx.concatenate([block, mx.zeros((width - n,), mx.int32)]) if n < width else block
-        logits, keys, values = compiled(padded[None], mx.array([c0.offset], mx.int32), [c.keys for c in cache],
+        logits, keys, values = compiled(padded(block, width)[None], mx.array([c0.offset], mx.int32), [c.keys for c in cache],
                                         [c.values for c in cache])
         for c, k, v in zip(cache, keys, values):
             c.keys, c.values = k, v
@@ -117,6 +125,12 @@ def verify_block(model, width: int):
         return (logits if width > 1 else logits[:, None])[0, :n]
 
     return run
+
+
+def padded(block: mx.array, width: int) -> mx.array:
+    """A speculative block (int32 [n <= width]) padded with scratch tokens to its trace's width."""
+    n = block.shape[0]
+    return mx.concatenate([block, mx.zeros((width - n,), mx.int32)]) if n < width else block
 
 
 def decode_step(model, *, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, constrained=False):

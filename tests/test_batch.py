@@ -222,25 +222,33 @@ def test_frequency_and_presence_penalties_follow_openai():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_forward_logits_equal_the_float64_reference(arch):
-    """The batch forward (decode rows and prompt chunks packed together, rows at different
-    lengths) against tests/reference.py's float64 NumPy forward of each whole sequence."""
+def test_batch_cache_rows_logits_equal_the_float64_reference(arch):
+    """The engine's two forwards over one BatchCache, rows at different lengths: prompt chunks on
+    their rows (batch.prefill, eager; one row's prompt in two chunks) and the decode rows' compiled
+    step beside a row still reading, against tests/reference.py's float64 NumPy forward of each
+    whole sequence."""
     from reference import reference_logits
 
-    from elm_mlx.batch import BatchCache, forward
+    from elm_mlx.batch import BatchCache, decode, prefill
+    from elm_mlx.step import batch_forward
 
     cfg, weights = TINY[arch], random_weights(TINY[arch], seed=13)
     model = build(cfg, weights)
     ps = prompts(3, seed=14)
     cache = BatchCache(model, 3)
-    forward(model, cache, [(0, ps[0]), (1, ps[1][:-1])], [True, True])  # two rows read their prompts
-    decode = [5, 7]
-    logits = forward(model, cache, [(0, [decode[0]]), (1, [ps[1][-1]]), (2, ps[2])], [True, True, True])
-    logits = logits.astype(mx.float32).tolist()
-    wholes = [ps[0] + [decode[0]], ps[1], ps[2]]
-    for row, seq in zip(logits, wholes):
+    assert prefill(model, cache, 0, ps[0][:3], False) is None
+    read = {0: prefill(model, cache, 0, ps[0][3:], True)}
+    prefill(model, cache, 1, ps[1], False)
+    stepped, verified = decode(batch_forward(model), cache, {0: 5, 1: 7})
+    assert verified == {}
+    read[2] = prefill(model, cache, 2, ps[2], True)
+    assert cache.lengths == [len(ps[0]) + 1, len(ps[1]) + 1, len(ps[2])]
+    got = {0: read[0][0], 2: read[2][0], 3: stepped[0], 4: stepped[1]}
+    wholes = {0: ps[0], 2: ps[2], 3: ps[0] + [5], 4: ps[1] + [7]}
+    for n, seq in wholes.items():
         ref = reference_logits(weights, cfg, seq)[-1]
-        assert np.abs(np.array(row) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+        row = np.array(got[n].astype(mx.float32))
+        assert np.abs(row - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), n
 
 
 # ---------------------------------------------------------------- speculative sequences in the batch
@@ -338,12 +346,13 @@ def test_a_rows_compiled_verification_equals_the_eager_forward_and_leaves_other_
     """batch.verify_row (a speculative block through the compiled forward, on its own row of the
     BatchCache): the block's logits equal one eager forward over that row's ids and the block,
     padded or not, and the other rows' cached positions are untouched."""
-    from elm_mlx.batch import BatchCache, forward, verify_row
+    from elm_mlx.batch import BatchCache, prefill, verify_row
     from elm_mlx.step import row_blocks
 
     cache = BatchCache(model, 4)
     ids = prompts(4, seed=3)
-    forward(model, cache, list(enumerate(ids)), [0] * 4)  # four rows holding their prompts
+    for row, p in enumerate(ids):  # four rows holding their prompts
+        prefill(model, cache, row, p, False)
     before = [np.array(k) for k in cache.keys]
     verify = row_blocks(model)
     at = 2
@@ -357,3 +366,31 @@ def test_a_rows_compiled_verification_equals_the_eager_forward_and_leaves_other_
         rows = [r for r in range(4) if r != at]
         n = min(len(ids[r]) for r in rows)
         np.testing.assert_array_equal(np.array(k)[rows, :, :n], old[rows, :, :n])
+
+
+def test_blocks_verified_in_the_decode_rows_pass_equal_eager_forwards(model):
+    """batch.decode with speculative blocks (Model.decode_parts: the decode rows and each block packed
+    into one compiled pass): every decode row's logits and every block's equal one eager forward over
+    that row's ids, for a block on a row inside the decode rows' range (written after that row's
+    scratch token) and one past it, at two block widths, and the rows advance by what they were given."""
+    from elm_mlx.batch import BatchCache, decode, prefill
+    from elm_mlx.step import batch_forward
+
+    cache = BatchCache(model, 6)
+    ids = prompts(6, seed=21)
+    for row, p in enumerate(ids):
+        prefill(model, cache, row, p, False)
+    compiled = batch_forward(model)
+    for last, blocks in (({0: 5, 2: 9}, {1: ([7, 3, 8], 5), 5: ([4], 5)}), ({1: 6, 3: 2}, {0: ([11, 13], 3)})):
+        rows, verified = decode(compiled, cache, last, {r: (mx.array(b, mx.int32), w) for r, (b, w) in blocks.items()})
+        assert sorted(verified) == sorted(blocks)
+        for row, token in last.items():
+            ids[row] = ids[row] + [token]
+            ref = np.array(model(mx.array([ids[row]]))[0, -1])
+            assert np.abs(np.array(rows[row]) - ref).max() <= 1e-5, row
+        for row, (block, _) in blocks.items():
+            ids[row] = ids[row] + block
+            ref = np.array(model(mx.array([ids[row]]))[0, -len(block):])
+            got = np.array(verified[row])
+            assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5, row
+        assert cache.lengths == [len(p) for p in ids]
