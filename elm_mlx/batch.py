@@ -10,12 +10,14 @@ head_dim] buffer, per row the positions it holds), no left padding. The decode r
 through the compiled forward (Model.decode, step.batch_forward): one token per row at that
 row's own position, each row's attention masked to exactly the positions it holds, so the
 projections and the FFN read the weights once for all rows and the step is one trace per
-(capacity bucket, power-of-two B). A prompt chunk runs through the eager forward on its own
-row (`prefill`), as `generate_tokens` reads a prompt; a speculative row's block runs compiled
-on its own row after the decode step (`verify_row`). A sequence's numbers come from the same
-operations whoever runs beside it, so its tokens equal `generate_tokens`' tokens (greedy, or
-seeded; tests/test_batch.py states the log-probability tolerance), and joining, leaving and prefix reuse never copy or re-pad a
-shared cache (mlx-lm's left-padded `BatchKVCache` does both).
+(capacity bucket, power-of-two B); a speculative row's block joins that pass as a part of
+its own (Model.decode_parts). Prompt chunks run through the eager forward (`prefill`),
+packed for the projections and the FFN, each chunk's attention on its own row as
+`generate_tokens` reads a prompt alone (Attention.segments). A sequence's numbers come from
+the same operations whoever runs beside it, so its tokens equal `generate_tokens`' tokens
+(greedy, or seeded; tests/test_batch.py states the log-probability tolerance), and joining,
+leaving and prefix reuse never copy or re-pad a shared cache (mlx-lm's left-padded
+`BatchKVCache` does both).
 
 Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
 so a seeded request draws the same tokens beside any company. A newcomer's prompt is
@@ -35,6 +37,7 @@ import mlx.core as mx
 from .context import common_prefix
 from .errors import ElmError
 from .generate import check_context
+from .model import Segments
 from .sample import SequenceSampler, log_softmax
 from .speculative import Verifier
 from .step import batch_forward, padded, row_blocks
@@ -155,10 +158,9 @@ class BatchEngine:
             logits.update((s, verified[s.row]) for s in spec)
         else:  # speculative rows only: each block compiled on its own row
             logits.update((s, verify_row(self.verify, self.cache, s.row, *b)) for s, b in spec.items())
-        for (s, ids), last in zip(chunks, wanted):  # prompt chunks, eager, each on its row
-            read = prefill(self.model, self.cache, s.row, ids, last)
-            if read is not None:
-                logits[s] = read
+        if chunks:  # prompt chunks, eager, packed, each on its row
+            read = prefill(self.model, self.cache, [(s.row, ids) for s, ids in chunks], wanted)
+            logits.update((s, r) for (s, _), r in zip(chunks, read) if r is not None)
         out = self._sample([s for s in logits if s.spec is None], [v for s, v in logits.items() if s.spec is None])
         for seq in [s for s in logits if s.spec is not None]:
             out += self._speculate(seq, logits[seq])
@@ -353,25 +355,30 @@ def verify_row(compiled, cache: BatchCache, row: int, block: mx.array, width: in
     return logits[0, :n]
 
 
-def prefill(model, cache: BatchCache, row: int, ids: list[int], logits: bool):
-    """A prompt chunk of one row through the eager forward (Model.__call__, as `generate_tokens` reads a
-    prompt), its keys and values written into the row at its length -> the last position's logits
-    [1, vocab] if `logits` (the prompt's last chunk), else None."""
-    cache.reserve(cache.lengths[row] + len(ids))
-    rows = [RowCache(cache, row, layer) for layer in range(len(cache.keys))]
-    tokens = mx.array(ids, mx.int32)[None]
-    out = model(tokens, rows, last_only=True)[0] if logits else model.transformer(tokens, rows)
-    cache.lengths[row] += len(ids)
-    return out if logits else None
+def prefill(model, cache: BatchCache, chunks: list[tuple[int, list[int]]], wanted: list[bool]) -> list:
+    """Prompt chunks [(row, ids)] through the eager forward in one pass: their tokens packed along one
+    axis for the projections and the FFN (the weights read once), each chunk's RoPE, cache writes
+    and attention on its own row as `generate_tokens` reads a prompt alone (Attention.segments).
+    -> per chunk its last position's logits [1, vocab] if wanted (a prompt's last chunk), else None."""
+    cache.reserve(max(cache.lengths[row] + len(ids) for row, ids in chunks))
+    layers = [Segments(RowCache(cache, row, layer, len(ids)) for row, ids in chunks)
+              for layer in range(len(cache.keys))]
+    h = model.transformer(mx.array([i for _, ids in chunks for i in ids], mx.int32)[None], layers)
+    ends = list(itertools.accumulate(len(ids) for _, ids in chunks))
+    picks = [end - 1 for end, w in zip(ends, wanted) if w]
+    logits = iter(model.head(h[:, mx.array(picks, mx.int32)])[0]) if picks else None
+    for row, ids in chunks:
+        cache.lengths[row] += len(ids)
+    return [logits.__next__()[None] if w else None for w in wanted]
 
 
 class RowCache:
-    """One row and layer of a BatchCache as Model.__call__'s cache (`offset`, `update_and_fetch`): a
-    chunk's keys and values go in at the row's length, and attention reads exactly the row's positions,
-    what the sequence's own KVCache would hold."""
+    """One row and layer of a BatchCache as the eager forward's cache of a chunk of `length` tokens
+    (`offset`, `update_and_fetch`): the chunk's keys and values go in at the row's length, and
+    attention reads exactly the row's positions, what the sequence's own KVCache would hold."""
 
-    def __init__(self, cache: BatchCache, row: int, layer: int):
-        self.cache, self.row, self.layer = cache, row, layer
+    def __init__(self, cache: BatchCache, row: int, layer: int, length: int):
+        self.cache, self.row, self.layer, self.length = cache, row, layer, length
         self.offset = cache.lengths[row]
 
     def update_and_fetch(self, k, v):

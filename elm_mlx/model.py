@@ -5,7 +5,8 @@ safetensors load without renaming.
 Two forwards, and one copy of each layer's arithmetic (Attention.qkv and
 project_out, the FFN, the norms): `Model.__call__` is the eager reference (any
 number of tokens through any cache with `offset` and `update_and_fetch`: a
-sequence's KVCache, or a row of the batch engine's BatchCache), and
+sequence's KVCache, or, for several sequences' tokens packed along one axis, a
+`Segments` of rows of the batch engine's BatchCache), and
 `Model.decode` is a pure function of T tokens per row (one when decoding, a
 fixed width when verifying a speculative block), their positions as arrays and
 fixed-size KV buffers, so that `mx.compile` traces it once per buffer size and
@@ -32,6 +33,12 @@ class Position(NamedTuple):
     visible: mx.array
     rope: mx.array | None
     shape: tuple
+
+
+class Segments(list):
+    """One layer's caches of several sequences whose tokens a forward packs along one axis, in order
+    (the batch engine's prompt chunks, batch.prefill): each has `offset`, `update_and_fetch` and
+    `length`, how many of the tokens are its."""
 
 
 class Attention(nn.Module):
@@ -79,10 +86,27 @@ class Attention(nn.Module):
         return self.out_proj(merge_heads(out, q.shape[2]))
 
     def __call__(self, x, mask=None, cache=None):
+        if isinstance(cache, Segments):
+            return self.segments(x, cache)
         q, k, v = self.qkv(x, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         return self.attend(q, k, v, mask)
+
+    def segments(self, x, caches: "Segments"):
+        """Several sequences' tokens packed along one axis, x [1, N, dim]: the projections run once for
+        all of them (the weights read once), then each sequence's RoPE at its offset, its cache and its
+        attention as __call__ runs them for it alone."""
+        qkv = self.qkv_proj(x)
+        cuts = list(itertools.accumulate(c.length for c in caches))[:-1]
+        outs = []
+        for c, piece in zip(caches, mx.split(qkv, cuts, axis=1) if cuts else [qkv]):
+            q, k, v = self.heads(piece, c.offset, None)
+            k, v = c.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
+                                                       mask="causal" if c.length > 1 else None)
+            outs.append(merge_heads(out, c.length))
+        return self.out_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
 
     def decode(self, x, parts: list, keys, values):
         """The compiled forward's attention (Model.decode_parts): x holds the tokens of `parts`, each

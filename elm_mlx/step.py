@@ -20,7 +20,8 @@ tokens packed for the projections and the FFN, so the weights are read once;
 attention per part, so no row pays k + 1 positions of attention but the
 speculative one), or alone on its row when no row decodes plainly
 (`row_blocks`). Prefill and the batch engine's prompt chunks stay eager
-(Model.__call__; a chunk on its row of the BatchCache, batch.prefill); the
+(Model.__call__; the chunks packed, each on its row of the BatchCache:
+batch.prefill); the
 eager forward is also the reference these steps must equal
 (tests/test_step.py, tests/test_batch.py)."""
 

@@ -224,7 +224,7 @@ def test_frequency_and_presence_penalties_follow_openai():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_cache_rows_logits_equal_the_float64_reference(arch):
     """The engine's two forwards over one BatchCache, rows at different lengths: prompt chunks on
-    their rows (batch.prefill, eager; one row's prompt in two chunks) and the decode rows' compiled
+    their rows (batch.prefill, eager, packed; one row's prompt in two chunks) and the decode rows' compiled
     step beside a row still reading, against tests/reference.py's float64 NumPy forward of each
     whole sequence."""
     from reference import reference_logits
@@ -236,12 +236,14 @@ def test_batch_cache_rows_logits_equal_the_float64_reference(arch):
     model = build(cfg, weights)
     ps = prompts(3, seed=14)
     cache = BatchCache(model, 3)
-    assert prefill(model, cache, 0, ps[0][:3], False) is None
-    read = {0: prefill(model, cache, 0, ps[0][3:], True)}
-    prefill(model, cache, 1, ps[1], False)
+    cut = len(ps[0]) // 2  # prompts hold at least two tokens
+    assert prefill(model, cache, [(0, ps[0][:cut])], [False]) == [None]
+    # Packed: row 0's second chunk beside row 1's whole prompt, only row 0's logits wanted.
+    read = dict(enumerate(prefill(model, cache, [(0, ps[0][cut:]), (1, ps[1])], [True, False])))
+    assert read[1] is None
     stepped, verified = decode(batch_forward(model), cache, {0: 5, 1: 7})
     assert verified == {}
-    read[2] = prefill(model, cache, 2, ps[2], True)
+    read[2] = prefill(model, cache, [(2, ps[2])], [True])[0]
     assert cache.lengths == [len(ps[0]) + 1, len(ps[1]) + 1, len(ps[2])]
     got = {0: read[0][0], 2: read[2][0], 3: stepped[0], 4: stepped[1]}
     wholes = {0: ps[0], 2: ps[2], 3: ps[0] + [5], 4: ps[1] + [7]}
@@ -351,8 +353,7 @@ def test_a_rows_compiled_verification_equals_the_eager_forward_and_leaves_other_
 
     cache = BatchCache(model, 4)
     ids = prompts(4, seed=3)
-    for row, p in enumerate(ids):  # four rows holding their prompts
-        prefill(model, cache, row, p, False)
+    prefill(model, cache, list(enumerate(ids)), [False] * 4)  # four rows holding their prompts
     before = [np.array(k) for k in cache.keys]
     verify = row_blocks(model)
     at = 2
@@ -378,8 +379,7 @@ def test_blocks_verified_in_the_decode_rows_pass_equal_eager_forwards(model):
 
     cache = BatchCache(model, 6)
     ids = prompts(6, seed=21)
-    for row, p in enumerate(ids):
-        prefill(model, cache, row, p, False)
+    prefill(model, cache, list(enumerate(ids)), [False] * 6)
     compiled = batch_forward(model)
     for last, blocks in (({0: 5, 2: 9}, {1: ([7, 3, 8], 5), 5: ([4], 5)}), ({1: 6, 3: 2}, {0: ([11, 13], 3)})):
         rows, verified = decode(compiled, cache, last, {r: (mx.array(b, mx.int32), w) for r, (b, w) in blocks.items()})
