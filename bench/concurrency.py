@@ -6,9 +6,10 @@ beside them (a prompt that repeats itself), every text checked against its greed
 Then (unless --no-server) one greedy request to the real `elm-mlx serve` on the same weights
 (written to a temporary folder) beside `generate`'s engine for the same prompt and length:
 both timed from the request to the last token, so the server's HTTP and prefill are in.
+Several architectures named on the command line are measured one after another in one run.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python bench/concurrency.py 270M --tokens 32 --repeats 2
+    OPENBLAS_NUM_THREADS=1 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python bench/concurrency.py bench/configs/overhead-28L-128d 270M --tokens 32 --repeats 2
 
 Each stream has its own random prompt (--prompt-tokens), generates --tokens greedily with EOS
 ignored; all streams start together. Aggregate tok/s = generated tokens after each stream's
@@ -263,7 +264,8 @@ def summarize(runs: list) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("size", nargs="?", default="270M")
+    p.add_argument("sizes", nargs="*", default=["270M"], metavar="SIZE",
+                   help="presets or config folders, measured one after another in this run (default 270M)")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=36)
@@ -275,9 +277,23 @@ def main():
     p.add_argument("--no-burst", action="store_true",
                    help="skip the burst of plain requests with and without one prompt-lookup request")
     p.add_argument("--lookup", type=int, default=4, help="guesses of the burst's prompt-lookup request")
-    p.add_argument("--json", help="write the runs here")
+    p.add_argument("--json", help="write the runs here (several sizes: one object per size, under \"sizes\")")
     args = p.parse_args()
-    model, _ = load_bench_model(args.size, args.dtype, True, None)
+    measured = {size: measure(size, args) for size in args.sizes}
+    env = environment()
+    print(f"\n{', '.join(args.sizes)}: {args.dtype} random weights, {args.prompt_tokens}-token prompts, {args.tokens} "
+          f"tokens per stream, {args.repeats} runs each; {env}")
+    if args.json:
+        out = {"environment": env, **measured[args.sizes[0]]} if len(args.sizes) == 1 else {"environment": env,
+                                                                                            "sizes": measured}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def measure(size: str, args) -> dict:
+    """Every measurement of one architecture, printed as it goes -> its runs for the JSON."""
+    print(f"## {size}", flush=True)
+    model, _ = load_bench_model(size, args.dtype, True, None)
     engines = {"elm-mlx": (run_elm, model)}
     if not args.no_compare:
         engines["mlx-lm"] = (run_mlx_lm, mlx_lm_model(model))
@@ -329,13 +345,7 @@ def main():
         print(f"\none greedy stream, {server['tokens']} tokens, HTTP and prefill included: elm-mlx serve "
               f"{server['server_tps']:.1f} tok/s, generate {server['generate_tps']:.1f} tok/s: "
               f"**{server['ratio']:.2f}x**; same text: {server['same_text']}")
-    env = environment()
-    print(f"\n{args.size} fp32 random weights, {args.prompt_tokens}-token prompts, {args.tokens} tokens per stream, "
-          f"{args.repeats} runs each; {env}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "runs": results, "burst_with_lookup": lookup, "server_vs_generate": server},
-                      f, indent=1)
+    return {"runs": results, "burst_with_lookup": lookup, "server_vs_generate": server}
 
 
 if __name__ == "__main__":

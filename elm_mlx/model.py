@@ -79,11 +79,11 @@ class Attention(nn.Module):
             return q @ rope, k @ rope, v
         return *((a[:, :, :, None] @ rope)[:, :, :, 0] for a in (q, k)), v
 
-    def attend(self, q, k, v, mask):
-        # GQA: SDPA maps query head h to KV head h // (n_q / n_kv) itself, so
-        # K and V are never repeated.
+    def sdpa(self, q, k, v, mask):
+        """mx.fast's attention, heads merged -> [B, T, n_q * head_dim]. GQA: SDPA maps query head h
+        to KV head h // (n_q / n_kv) itself, so K and V are never repeated."""
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.out_proj(merge_heads(out, q.shape[2]))
+        return merge_heads(out, q.shape[2])
 
     def __call__(self, x, mask=None, cache=None):
         if isinstance(cache, Segments):
@@ -91,7 +91,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        return self.attend(q, k, v, mask)
+        return self.out_proj(self.sdpa(q, k, v, mask))
 
     def segments(self, x, caches: "Segments"):
         """Several sequences' tokens packed along one axis, x [1, N, dim]: the projections run once for
@@ -103,9 +103,7 @@ class Attention(nn.Module):
         for c, piece in zip(caches, mx.split(qkv, cuts, axis=1) if cuts else [qkv]):
             q, k, v = self.heads(piece, c.offset, None)
             k, v = c.update_and_fetch(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5,
-                                                       mask="causal" if c.length > 1 else None)
-            outs.append(merge_heads(out, c.length))
+            outs.append(self.sdpa(q, k, v, "causal" if c.length > 1 else None))
         return self.out_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
 
     def decode(self, x, parts: list, keys, values):
@@ -154,8 +152,7 @@ class Attention(nn.Module):
         else:
             K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
         if part.rope is None:
-            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=part.visible)
-            return merge_heads(out, T), keys, values
+            return self.sdpa(q, K, V, part.visible), keys, values
         # Query head h reads KV head h // g, as SDPA does: group g's queries are rows (i, t) of one matmul.
         g = self.n_q // self.n_kv
         q = (q * hd**-0.5).reshape(B, self.n_kv, g * T, hd)
