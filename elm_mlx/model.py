@@ -33,6 +33,8 @@ class Position(NamedTuple):
     visible: mx.array
     rope: mx.array | None
     shape: tuple
+    start: mx.array | None  # one row (B = 1): where its block starts in the buffers, on axes `axes`
+    axes: tuple
 
 
 class Segments(list):
@@ -136,10 +138,10 @@ class Attention(nn.Module):
         kernels on a GPU. -> (heads merged [B, T, n_q * head_dim], keys, values)"""
         (B, T), hd, offsets, rows = qkv.shape[:2], self.head_dim, part.offsets, part.rows
         q, k, v = self.heads(qkv, offsets, part.rope)
-        if rows is None and B == 1 and T == 1:  # the single-sequence step: a slice update
-            keys = mx.slice_update(keys, k, offsets, axes=(2,))
-            values = mx.slice_update(values, v, offsets, axes=(2,))
-        else:  # each row at its own positions: one scatter
+        if B == 1:  # one row (a sequence's step or block, a speculative row's block): a slice update
+            keys = mx.slice_update(keys, k, part.start, axes=part.axes)
+            values = mx.slice_update(values, v, part.start, axes=part.axes)
+        else:  # each row at its own position: one scatter
             at = mx.arange(B) if rows is None else rows
             if T == 1:
                 keys[at, :, offsets], values[at, :, offsets] = k[:, :, 0], v[:, :, 0]
@@ -148,7 +150,8 @@ class Attention(nn.Module):
                 keys[at[:, None], :, positions] = k.transpose(0, 2, 1, 3)
                 values[at[:, None], :, positions] = v.transpose(0, 2, 1, 3)
         if rows is not None:
-            K, V = keys[rows], values[rows]
+            K, V = (keys[rows], values[rows]) if B > 1 else (
+                mx.slice(a, rows, axes=(0,), slice_size=(1, *a.shape[1:])) for a in (keys, values))
         else:
             K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
         if part.rope is None:
@@ -291,7 +294,10 @@ class Model(nn.Module):
         if not fused_kernels:
             rope = self.rope_matrix(last.reshape(-1)).reshape(B, 1, T, *([self.config.head_dim] * 2))
             rope = rope[:, :, 0] if T == 1 else rope  # [B, 1, hd, hd] for one token
-        return Position(offsets, rows, visible, rope, (B, T))
+        start, axes = None, ()
+        if B == 1:
+            start, axes = (offsets, (2,)) if rows is None else (mx.concatenate([rows, offsets]), (0, 2))
+        return Position(offsets, rows, visible, rope, (B, T), start, axes)
 
     def rope_matrix(self, offsets):
         """R[b] with x @ R[b] == mx.fast.rope(x, offset=offsets[b]) (non-traditional,
