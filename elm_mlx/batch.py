@@ -20,7 +20,9 @@ leaving and prefix reuse never copy or re-pad a shared cache (mlx-lm's left-padd
 `BatchKVCache` does both).
 
 Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
-so a seeded request draws the same tokens beside any company. A newcomer's prompt is
+so a seeded request draws the same tokens beside any company. Steps are pipelined as
+`generate_tokens`' are: a plain sequence's token is drawn in one step and read in the next,
+which feeds it to the model unread, so building a step overlaps computing the last one. A newcomer's prompt is
 read inside the decode steps, at most `prefill_chunk` prompt tokens per step, so running
 streams wait for at most one chunk. A finished sequence's row keeps what it holds until
 another sequence needs the row, and a newcomer takes the row holding the longest prefix of
@@ -93,6 +95,9 @@ class BatchEngine:
         self.kept: list[list[int]] = [[] for _ in range(max_batch)]
         self.freed_at = [0] * max_batch
         self._ids = itertools.count()
+        # Drawn, not yet read: each pipelined sequence's next token (and its logprob terms), queued
+        # with mx.async_eval; the next step feeds it to the model before reading it (see step()).
+        self.pending: dict[Sequence, tuple] = {}
         self.totals = dict(requests=0, finished=0, cancelled=0, prompt_tokens=0, reused_tokens=0,
                            generated_tokens=0, steps=0)
 
@@ -140,11 +145,20 @@ class BatchEngine:
     def step(self) -> list[Token]:
         """Admit waiting sequences, then one pass over the batch: the last token of every
         decoding sequence (one compiled forward), speculative rows' blocks, and up to
-        `prefill_chunk` prompt tokens of admitted ones. Each decoding
-        sequence gets one token, and so does one whose prompt this step finished reading."""
+        `prefill_chunk` prompt tokens of admitted ones. Each decoding sequence gets one token,
+        and so does one whose prompt this step finished reading.
+
+        Pipelined, as generate_tokens is: a plain sequence's token (no speculation, no structured
+        output) is drawn in one step and read in the next, which first feeds it, still unread, to
+        the model and queues the draw after it (mx.async_eval), so the host builds a step while
+        the previous one computes. The tokens are the same; a sequence that ends on a token it
+        has just been fed wastes the draw after it."""
         self._drop_cancelled()
         self._admit()
         decoding = [s for s in self.running if s.tokens and s.finish is None]
+        # A pending token that is the sequence's last is only read, never fed.
+        lasts = {s: self.pending.pop(s) for s in decoding if s in self.pending and len(s.tokens) + 1 >= s.max_tokens}
+        decoding = [s for s in decoding if s not in lasts]
         blocks = {s: s.spec.block() for s in decoding if s.spec is not None}
         single = [s for s in decoding if s not in blocks or blocks[s].shape[0] == 1]
         chunks = self._prefill_chunks()
@@ -152,8 +166,8 @@ class BatchEngine:
         logits = {}
         spec = {s: (blocks[s], s.spec.proposer.num_tokens + 1) for s in decoding if s not in single}
         if single:  # one token each, and speculative blocks beside them, through one compiled pass
-            rows, verified = decode(self.compiled, self.cache, {s.row: s.tokens[-1] for s in single},
-                                    {s.row: b for s, b in spec.items()})
+            fed = {s.row: self.pending[s][0] if s in self.pending else s.tokens[-1] for s in single}
+            rows, verified = decode(self.compiled, self.cache, fed, {s.row: b for s, b in spec.items()})
             logits.update((s, rows[s.row: s.row + 1]) for s in single)
             logits.update((s, verified[s.row]) for s in spec)
         else:  # speculative rows only: each block compiled on its own row
@@ -162,6 +176,7 @@ class BatchEngine:
             read = prefill(self.model, self.cache, [(s.row, ids) for s, ids in chunks], wanted)
             logits.update((s, r) for (s, _), r in zip(chunks, read) if r is not None)
         out = self._sample([s for s in logits if s.spec is None], [v for s, v in logits.items() if s.spec is None])
+        out += [self._take(seq, drawn) for seq, drawn in lasts.items()]
         for seq in [s for s in logits if s.spec is not None]:
             out += self._speculate(seq, logits[seq])
         self.totals["steps"] += 1
@@ -192,6 +207,7 @@ class BatchEngine:
         for seq in self.running:
             if seq.cancelled and seq.finish is None:
                 seq.finish = seq.cancelled
+                self.pending.pop(seq, None)  # drawn, never read: the row holds only what it was fed
         self._retire()
 
     def _admit(self):
@@ -233,31 +249,44 @@ class BatchEngine:
         return chunks
 
     def _sample(self, seqs: list[Sequence], logits: list) -> list[Token]:
-        if not seqs:
-            return []
-        drawn, extra = [], []
-        for seq, row in zip(seqs, logits):
-            y, transformed = seq.sampler(row)
-            drawn.append(y)
-            if seq.logprobs is not None:
-                lp = log_softmax(transformed)[0]
-                top = mx.argpartition(-lp, kth=seq.logprobs - 1)[: seq.logprobs] if seq.logprobs else None
-                extra.append((lp[y[0]], top, None if top is None else lp[top]))
-            else:
-                extra.append(None)
-        mx.eval(drawn, [e for e in extra if e is not None])
+        """Draws each sequence's next token from its logits. A pipelined sequence's draw is queued
+        and becomes pending, and its previous pending token is read now; the others' (a first token,
+        a constrained sequence's) are read at once. -> the tokens read, in `seqs` order."""
+        drawn = {seq: self._draw(seq, row) for seq, row in zip(seqs, logits)}
+        ahead = {s: d for s, d in drawn.items() if s.tokens and s.sampler.constraint is None}
+        mx.async_eval([a for d in ahead.values() for a in d if a is not None])
+        previous, self.pending = self.pending, ahead
+        now = {s: d for s, d in drawn.items() if s not in ahead}
         out = []
-        for seq, y, e in zip(seqs, drawn, extra):
-            token = y.item()
-            seq.sampler.accept(token)
-            t = self._append(seq, token)
-            if e is not None:
-                t.logprob = e[0].item()
-                if e[1] is not None:
-                    pairs = sorted(zip(e[1].tolist(), e[2].tolist()), key=lambda p: -p[1])
-                    t.top_logprobs = [(i, v) for i, v in pairs if v > -float("inf")]
-            out.append(t)
+        for seq in seqs:
+            if seq in previous:
+                out.append(self._take(seq, previous[seq]))
+            elif seq in now:
+                out.append(self._take(seq, now[seq]))
+        for seq in [s for s in self.pending if s.finish is not None]:  # ended on the token just read
+            del self.pending[seq]
         return out
+
+    def _draw(self, seq: Sequence, logits) -> tuple:
+        """(token [1], and with logprobs: its log-probability, the top ids, their log-probabilities), unread."""
+        y, transformed = seq.sampler(logits)
+        if seq.logprobs is None:
+            return y, None, None, None
+        lp = log_softmax(transformed)[0]
+        top = mx.argpartition(-lp, kth=seq.logprobs - 1)[: seq.logprobs] if seq.logprobs else None
+        return y, lp[y[0]], top, None if top is None else lp[top]
+
+    def _take(self, seq: Sequence, drawn: tuple) -> Token:
+        y, logprob, top, top_lp = drawn
+        token = y.item()
+        seq.sampler.accept(token)
+        t = self._append(seq, token)
+        if logprob is not None:
+            t.logprob = logprob.item()
+            if top is not None:
+                pairs = sorted(zip(top.tolist(), top_lp.tolist()), key=lambda p: -p[1])
+                t.top_logprobs = [(i, v) for i, v in pairs if v > -float("inf")]
+        return t
 
     def _append(self, seq: Sequence, token: int) -> Token:
         seq.tokens.append(token)
@@ -318,8 +347,8 @@ def batch_bucket(n: int, rows: int) -> int:
     return min(1 << (n - 1).bit_length(), rows)
 
 
-def decode(compiled, cache: BatchCache, last: dict[int, int], blocks: dict | None = None):
-    """One token for each row in `last` ({row: its last token}), through the compiled step
+def decode(compiled, cache: BatchCache, last: dict, blocks: dict | None = None):
+    """One token for each row in `last` ({row: its last token, an int or an unread int [1] array}), through the compiled step
     `compiled` (step.batch_forward's) over rows 0..B-1, and in the same pass each speculative row's
     block in `blocks` ({row: (block int32 [n <= width], width)}, padded to width). A row in 0..B-1
     with nothing to decode is fed a dummy token at its first free position, scratch by definition
@@ -330,7 +359,12 @@ def decode(compiled, cache: BatchCache, last: dict[int, int], blocks: dict | Non
     B = batch_bucket(max(last) + 1, cache.rows)
     offsets = cache.lengths[:B]
     cache.reserve(max([o + 1 for o in offsets] + [cache.lengths[r] + w for r, (_, w) in blocks.items()]))
-    tokens = mx.array([last.get(r, 0) for r in range(B)], mx.int32)[:, None]
+    fed = [last.get(r, 0) for r in range(B)]
+    if all(isinstance(t, int) for t in fed):
+        tokens = mx.array(fed, mx.int32)[:, None]
+    else:  # pipelined rows' tokens, drawn and not read yet (BatchEngine.step)
+        tokens = mx.concatenate([t.astype(mx.int32) if isinstance(t, mx.array) else mx.array([t], mx.int32)
+                                 for t in fed])[:, None]
     parts = [(padded(block, width)[None], mx.array([cache.lengths[row]], mx.int32), mx.array([row], mx.int32))
              for row, (block, width) in blocks.items()]
     logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32), parts, cache.keys, cache.values)

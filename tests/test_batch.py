@@ -154,7 +154,9 @@ def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(tied):
         engine.step()
         progress.append(len(a.tokens) - before)
     chunks = -(-len(long) // 24)
-    assert progress[:chunks] == [1] * chunks  # the running stream got a token at every step
+    # The running stream got a token at every step: its first decode step only queues the draw
+    # (pipelined, BatchEngine.step), and every later one reads a token while a chunk is read.
+    assert progress[: chunks + 1] == [0] + [1] * chunks
     assert a.tokens == alone(tied, short, 30) and b.tokens == alone(tied, long, 5)
 
 
@@ -186,15 +188,14 @@ def _record_tokens(monkeypatch):
     """Keeps each sequence's Token records on it (the engine hands them to its caller only)."""
     from elm_mlx import batch
 
-    real = batch.BatchEngine._sample
+    real = batch.BatchEngine._take
 
-    def sample(self, seqs, logits):
-        out = real(self, seqs, logits)
-        for t in out:
-            t.seq.__dict__.setdefault("records", []).append(t)
-        return out
+    def take(self, seq, drawn):
+        t = real(self, seq, drawn)
+        seq.__dict__.setdefault("records", []).append(t)
+        return t
 
-    monkeypatch.setattr(batch.BatchEngine, "_sample", sample)
+    monkeypatch.setattr(batch.BatchEngine, "_take", take)
 
 
 def test_logprobs_are_taken_after_the_sampling_transforms(tied):
@@ -394,3 +395,29 @@ def test_blocks_verified_in_the_decode_rows_pass_equal_eager_forwards(model):
             got = np.array(verified[row])
             assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-5, row
         assert cache.lengths == [len(p) for p in ids]
+
+
+def test_plain_steps_are_pipelined_and_an_end_on_eos_wastes_only_a_draw(tied):
+    """A plain sequence's token is drawn in one step and read in the next (BatchEngine.pending),
+    after being fed: tokens equal generate_tokens' whether the sequence ends on its length or on
+    EOS, an EOS it was fed stays in its kept row (real keys and values of its ids), and nothing
+    is left pending once the engine is idle."""
+    ids = prompts(2, seed=30)
+    want = alone(tied, ids[1], 12)
+    eos = next(t for i, t in enumerate(want) if i >= 3 and want.index(t) == i)  # first seen at 3 or later
+    engine = BatchEngine(tied, max_batch=2)
+    a = engine.add(ids[0], 7)
+    b = engine.add(ids[1], 12, eos_id=eos)
+    engine.step()  # both prompts read: first tokens, read at once
+    assert len(a.tokens) == len(b.tokens) == 1 and not engine.pending
+    rows = a.row, b.row
+    engine.step()  # fed, the next tokens drawn, not read
+    assert set(engine.pending) == {a, b} and len(a.tokens) == len(b.tokens) == 1
+    while engine.has_work():
+        engine.step()
+    assert not engine.pending
+    assert a.tokens == alone(tied, ids[0], 7) and a.finish == "length"
+    stop = want.index(eos) + 1
+    assert b.tokens == want[:stop] and b.finish == "stop"
+    assert engine.kept[rows[1]] == ids[1] + b.tokens  # EOS fed: in the row
+    assert engine.kept[rows[0]] == ids[0] + a.tokens[:-1]  # the last token of a length end is never fed
