@@ -2,26 +2,14 @@
 to the pass, its one row written with dynamic slice updates (not another scatter), and the
 command prints both counts. Nothing here is timed."""
 
-import importlib.util
-from pathlib import Path
-
 import mlx.core as mx
+from bench_scripts import TINY, load
 
 from elm_mlx.bench import load_bench_model
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "bench/configs/tiny-4L-128d")
-
-
-def bench_module():
-    spec = importlib.util.spec_from_file_location("decode_nodes", ROOT / "bench/decode_nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_block_beside_the_decode_rows_is_counted_per_primitive(capsys):
-    nodes = bench_module()
+    nodes = load("decode_nodes")
     model, _ = load_bench_model(TINY, "fp32", True, None)
     decode = (mx.zeros((4, 1), mx.int32), mx.full((4,), 10, mx.int32), None)
     block = (mx.zeros((1, 5), mx.int32), mx.array([10], mx.int32), mx.array([4], mx.int32))

@@ -2,21 +2,14 @@
 on the same model and rows (equal losses before training), the same number of target tokens
 per step, and the JSON holds what the table shows. Nothing here is timed."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "bench/configs/tiny-4L-128d")
+from bench_scripts import TINY, load
 
 
 def bench_module():
-    spec = importlib.util.spec_from_file_location("lora_train", ROOT / "bench/lora_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("lora_train")
 
 
 def test_both_trainers_run_on_the_same_model_and_data(tmp_path, capsys):
