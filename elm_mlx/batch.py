@@ -19,14 +19,14 @@ the same operations whoever runs beside it, so its tokens equal `generate_tokens
 leaving and prefix reuse never copy or re-pad a shared cache (mlx-lm's left-padded
 `BatchKVCache` does both).
 
-Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key),
-so a seeded request draws the same tokens beside any company. Steps are pipelined as
+Sampling is per sequence (`SequenceSampler`: its own penalties and its own random key), so a
+seeded request draws the same tokens beside any company. Steps are pipelined as
 `generate_tokens`' are: a plain sequence's token is drawn in one step and read in the next,
-which feeds it to the model unread, so building a step overlaps computing the last one. A newcomer's prompt is
-read inside the decode steps, at most `prefill_chunk` prompt tokens per step, so running
-streams wait for at most one chunk. A finished sequence's row keeps what it holds until
-another sequence needs the row, and a newcomer takes the row holding the longest prefix of
-its prompt: a client re-sending a growing conversation has only the new part read."""
+which feeds it to the model unread, so building a step overlaps computing the last one. A
+newcomer's prompt is read inside the decode steps, at most `prefill_chunk` prompt tokens per
+step, so running streams wait for at most one chunk. A finished sequence's row keeps what it
+holds until another sequence needs the row, and a newcomer takes the row holding the longest
+prefix of its prompt: a client re-sending a growing conversation has only the new part read."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 (layer-wise scaling); module names follow Apple's HF checkpoints so their
 safetensors load without renaming.
 
-Two forwards, and one copy of each layer's arithmetic (Attention.qkv and
-project_out, the FFN, the norms): `Model.__call__` is the eager reference (any
+Two forwards, and one copy of each layer's arithmetic (Attention.qkv/heads,
+sdpa and merge_heads, the FFN, the norms): `Model.__call__` is the eager reference (any
 number of tokens through any cache with `offset` and `update_and_fetch`: a
 sequence's KVCache, or, for several sequences' tokens packed along one axis, a
 `Segments` of rows of the batch engine's BatchCache), and
