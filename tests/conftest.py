@@ -14,6 +14,37 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"  # lm-eval's tasks load datasets (tests 
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_caches, "datasets")
 os.environ["ELM_MLX_CACHE"] = os.path.join(_caches, "elm-mlx")
 
+# ...and none does: in the test process, names other than loopback ones do not resolve and
+# connections go to loopback addresses only (the servers the tests start), so a test that would
+# reach a hub or a CDN fails on the spot instead of passing where a network happens to be.
+import socket  # noqa: E402
+
+_LOOPBACK = {None, "localhost", "::1", "ip6-localhost"}
+
+
+def _is_loopback(host) -> bool:
+    host = host.decode() if isinstance(host, bytes) else host
+    return host in _LOOPBACK or (isinstance(host, str) and host.startswith("127."))
+
+
+def _offline_getaddrinfo(host, *args, _real=socket.getaddrinfo, **kwargs):
+    if not _is_loopback(host):
+        raise socket.gaierror(f"tests run offline: {host!r} does not resolve here (tests/conftest.py)")
+    return _real(host, *args, **kwargs)
+
+
+def _offline(connect):
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
+            raise OSError(f"tests run offline: no connection to {address!r} (tests/conftest.py)")
+        return connect(self, address)
+    return guarded
+
+
+socket.getaddrinfo = _offline_getaddrinfo
+socket.socket.connect = _offline(socket.socket.connect)
+socket.socket.connect_ex = _offline(socket.socket.connect_ex)
+
 # Bind OpenBLAS before any test module imports mlx.core, as the elm-mlx command does
 # (elm_mlx/blas.py): a test that imports mlx first would otherwise leave the whole
 # session on MLX's reference BLAS (~4 GFLOP/s instead of ~175), and test what no user runs.

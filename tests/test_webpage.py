@@ -10,9 +10,10 @@ from serving import running_server
 CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).parent / "artifacts"
 # Debian's Chromium headless, offline and quiet: no sandbox (root), no GPU, no first-run or
-# background traffic, and a profile of its own.
+# background traffic, no host but loopback resolves, and a profile of its own.
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1000,700"]
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1000,700",
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1"]
 
 
 @pytest.fixture(scope="module")
