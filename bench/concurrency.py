@@ -66,7 +66,8 @@ def burst(model, ids: list, lookup_ids: list | None, tokens: int, lookup: int) -
     """One burst through the batch engine: the plain prompts `ids` together, and with `lookup_ids`
     one more request with prompt lookup (`lookup` guesses) beside them. Aggregate tok/s as
     summarize() counts it (every stream's tokens after its first, over the burst), each stream's
-    tokens, and the lookup request's acceptance."""
+    tokens, the lookup request's acceptance, and its own rate beside a plain stream's (tok/s after
+    its first token)."""
     from elm_mlx.speculative import make_proposer
 
     engine = BatchEngine(model, max_batch=len(ids) + 1)
@@ -74,11 +75,14 @@ def burst(model, ids: list, lookup_ids: list | None, tokens: int, lookup: int) -
     seqs = [engine.add(p, tokens) for p in ids]
     if lookup_ids is not None:
         seqs.append(engine.add(lookup_ids, tokens, proposer=make_proposer(model, prompt_lookup=lookup)))
-    summary = summarize([(t0, ts) for ts in drain(engine, seqs)])
+    times = drain(engine, seqs)
+    summary = summarize([(t0, ts) for ts in times])
     spec = seqs[-1].spec.stats if lookup_ids is not None else None
+    rate = [(len(ts) - 1) / (ts[-1][0] - ts[0][0]) for ts in times]
     return {**summary, "texts": [s.tokens for s in seqs],
             "acceptance": spec.acceptance_rate if spec else None,
-            "tokens_per_forward": spec.tokens_per_forward if spec else None}
+            "tokens_per_forward": spec.tokens_per_forward if spec else None,
+            "lookup_stream_tps": rate[-1] if spec else None, "plain_stream_tps": statistics.median(rate[: len(ids)])}
 
 
 def lookup_prompt(length: int, vocab: int, seed: int = 5) -> list:
@@ -104,22 +108,29 @@ def burst_with_lookup(model, streams: int, prompt_tokens: int, tokens: int, repe
                 return out
 
     expected = [alone(p) for p in ids + [extra]]
-    burst(model, ids[:2], extra, 4, lookup)  # warm-up
-    rates, same, accept = {"without": [], "with": []}, True, []
+    for warm in (None, extra):  # warm-up: every trace both bursts use (their batch sizes, windows, block widths)
+        burst(model, ids, warm, tokens, lookup)
+    rates, cpu, same, accept, own = {"without": [], "with": []}, {"without": [], "with": []}, True, [], []
     for r in range(repeats):
         for name in (["without", "with"] if r % 2 == 0 else ["with", "without"]):
             b = burst(model, ids, extra if name == "with" else None, tokens, lookup)
             rates[name].append(b["aggregate_tps"])
+            cpu[name].append(b["aggregate_tps_cpu"])
             same &= b["texts"] == expected[: len(b["texts"])]
             if name == "with":
                 accept.append((b["acceptance"], b["tokens_per_forward"]))
+                own.append((b["lookup_stream_tps"], b["plain_stream_tps"]))
             mx.clear_cache()
             print(f"burst {name:7} lookup: {b['aggregate_tps']:7.2f} tok/s aggregate", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"streams": streams, "lookup": lookup, "without_tps": med["without"], "with_tps": med["with"],
             "ratio": med["with"] / med["without"], "same_texts": same,
+            "ratio_per_cpu_s": med_cpu["with"] / med_cpu["without"], "runs_per_cpu_s": cpu,
             "acceptance": statistics.mean(a for a, _ in accept),
-            "tokens_per_forward": statistics.mean(t for _, t in accept), "runs": rates}
+            "tokens_per_forward": statistics.mean(t for _, t in accept), "runs": rates,
+            "lookup_stream_tps": statistics.median(a for a, _ in own),
+            "plain_stream_tps": statistics.median(p for _, p in own)}
 
 
 def clock():
@@ -244,6 +255,7 @@ def server_vs_generate(model, ids: list, tokens: int, repeats: int) -> dict:
             proc.terminate()
             proc.wait(timeout=60)
     med = {k: statistics.median(v) for k, v in rates.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"server_tps": med["server"], "generate_tps": med["generate"], "ratio": med["server"] / med["generate"],
             "same_text": outputs["server"][1] == outputs["generate"][1], "tokens": outputs["server"][0],
             "runs": rates}
@@ -293,6 +305,7 @@ def main():
 def measure(size: str, args) -> dict:
     """Every measurement of one architecture, printed as it goes -> its runs for the JSON."""
     print(f"## {size}", flush=True)
+    mx.random.seed(0)  # the same random weights in every run: the same texts, the same lookup acceptance
     model, _ = load_bench_model(size, args.dtype, True, None)
     engines = {"elm-mlx": (run_elm, model)}
     if not args.no_compare:
@@ -336,7 +349,10 @@ def measure(size: str, args) -> dict:
         print(f"\n{lookup['streams']} plain streams with one prompt-lookup request (--lookup {lookup['lookup']}: "
               f"{100 * lookup['acceptance']:.0f}% of guesses kept, {lookup['tokens_per_forward']:.2f} tokens per "
               f"forward) beside them: {lookup['with_tps']:.1f} tok/s aggregate vs {lookup['without_tps']:.1f} "
-              f"without it: **{lookup['ratio']:.2f}x**; every text its greedy text alone: {lookup['same_texts']}")
+              f"without it: **{lookup['ratio']:.2f}x** ({lookup['ratio_per_cpu_s']:.2f}x per CPU-second); "
+              f"every text its greedy text alone: {lookup['same_texts']}; "
+              f"the lookup stream itself {lookup['lookup_stream_tps']:.1f} tok/s beside a plain stream's "
+              f"{lookup['plain_stream_tps']:.1f}")
     server = None
     if not args.no_server:
         print()

@@ -23,6 +23,10 @@ Sampling is per sequence (`SequenceSampler`: its own penalties and its own rando
 seeded request draws the same tokens beside any company. Steps are pipelined as
 `generate_tokens`' are: a plain sequence's token is drawn in one step and read in the next,
 which feeds it to the model unread, so building a step overlaps computing the last one. A
+speculative row's block must be read before its next block can be guessed, so beside plain
+rows it is checked on the device in the step that verifies it and read in the next, while
+that step computes (the row sits that step out): the plain rows never wait for it. Alone, a
+block is verified and read in one step. A
 newcomer's prompt is read inside the decode steps, at most `prefill_chunk` prompt tokens per
 step, so running streams wait for at most one chunk. A finished sequence's row keeps what it
 holds until another sequence needs the row, and a newcomer takes the row holding the longest
@@ -64,6 +68,7 @@ class Sequence:
     finish: str | None = None
     cancelled: str | None = None  # the finish reason cancel() was given
     spec: Verifier | None = None  # speculative decoding (prompt lookup or a draft model), else None
+    unsettled: tuple | None = None  # its last block's check (Verifier.check), verified beside plain rows, read next step
 
 
 @dataclass
@@ -152,13 +157,18 @@ class BatchEngine:
         output) is drawn in one step and read in the next, which first feeds it, still unread, to
         the model and queues the draw after it (mx.async_eval), so the host builds a step while
         the previous one computes. The tokens are the same; a sequence that ends on a token it
-        has just been fed wastes the draw after it."""
+        has just been fed wastes the draw after it. A speculative row verified beside pipelined
+        plain rows is read in the next step instead (Sequence.unsettled), so those steps still
+        overlap."""
         self._drop_cancelled()
         self._admit()
         decoding = [s for s in self.running if s.tokens and s.finish is None]
         # A pending token that is the sequence's last is only read, never fed.
         lasts = {s: self.pending.pop(s) for s in decoding if s in self.pending and len(s.tokens) + 1 >= s.max_tokens}
         decoding = [s for s in decoding if s not in lasts]
+        # Verified in the last step, settled in this one, after it is queued: no block this step.
+        resting = {s: s.unsettled for s in decoding if s.unsettled is not None}
+        decoding = [s for s in decoding if s not in resting]
         blocks = {s: s.spec.block() for s in decoding if s.spec is not None}
         single = [s for s in decoding if s not in blocks or blocks[s].shape[0] == 1]
         chunks = self._prefill_chunks()
@@ -175,21 +185,34 @@ class BatchEngine:
         if chunks:  # prompt chunks, eager, packed, each on its row
             read = prefill(self.model, self.cache, [(s.row, ids) for s, ids in chunks], wanted)
             logits.update((s, r) for (s, _), r in zip(chunks, read) if r is not None)
-        out = self._sample([s for s in logits if s.spec is None], [v for s, v in logits.items() if s.spec is None])
+        checked = {s: v for s, v in logits.items() if s.spec is not None}
+        # Beside pipelined plain rows a block is settled in the next step, while that step computes,
+        # so that the plain rows' steps still overlap; alone, at once.
+        overlap = any(s.spec is None and s.sampler.constraint is None for s in single)
+        defer = {s: s.spec.check(v) for s, v in checked.items() if s.tokens} if overlap else {}
+        out = self._sample([s for s in logits if s.spec is None], [v for s, v in logits.items() if s.spec is None],
+                           later=[a for c in defer.values() for a in c])
         out += [self._take(seq, drawn) for seq, drawn in lasts.items()]
-        for seq in [s for s in logits if s.spec is not None]:
-            out += self._speculate(seq, logits[seq])
+        for seq, check in resting.items():
+            seq.unsettled = None
+            out += self._speculate(seq, check=check)
+        for seq, block_logits in checked.items():
+            if seq in defer:
+                seq.unsettled = defer[seq]
+            else:
+                out += self._speculate(seq, block_logits)
         self.totals["steps"] += 1
         self._retire()
         return out
 
-    def _speculate(self, seq: Sequence, logits) -> list[Token]:
+    def _speculate(self, seq: Sequence, logits=None, check: tuple | None = None) -> list[Token]:
         """The tokens a speculative sequence's logits let through (its first, after the prompt; or
-        a verified block's), its row trimmed past the guesses rejected."""
+        a verified block's, from its logits or their Verifier.check), its row trimmed past the
+        guesses rejected."""
         if not seq.tokens:
             tokens, drop = [seq.spec.first(logits)], 0
         else:
-            tokens, drop = seq.spec.settle(logits)
+            tokens, drop = seq.spec.accept(*(check if check is not None else seq.spec.check(logits)))
         self.cache.lengths[seq.row] -= drop
         out = []
         for token in tokens:
@@ -208,6 +231,7 @@ class BatchEngine:
             if seq.cancelled and seq.finish is None:
                 seq.finish = seq.cancelled
                 self.pending.pop(seq, None)  # drawn, never read: the row holds only what it was fed
+                seq.unsettled = None
         self._retire()
 
     def _admit(self):
@@ -248,13 +272,14 @@ class BatchEngine:
                 break
         return chunks
 
-    def _sample(self, seqs: list[Sequence], logits: list) -> list[Token]:
+    def _sample(self, seqs: list[Sequence], logits: list, later: list = ()) -> list[Token]:
         """Draws each sequence's next token from its logits. A pipelined sequence's draw is queued
-        and becomes pending, and its previous pending token is read now; the others' (a first token,
-        a constrained sequence's) are read at once. -> the tokens read, in `seqs` order."""
+        and becomes pending (with `later`, arrays read in the next step), and its previous pending
+        token is read now; the others' (a first token, a constrained sequence's) are read at once.
+        -> the tokens read, in `seqs` order."""
         drawn = {seq: self._draw(seq, row) for seq, row in zip(seqs, logits)}
         ahead = {s: d for s, d in drawn.items() if s.tokens and s.sampler.constraint is None}
-        mx.async_eval([a for d in ahead.values() for a in d if a is not None])
+        mx.async_eval([a for d in ahead.values() for a in d if a is not None] + list(later))
         previous, self.pending = self.pending, ahead
         now = {s: d for s, d in drawn.items() if s not in ahead}
         out = []
@@ -314,6 +339,7 @@ class BatchCache:
     first `length` positions, the same values a sequence's own KVCache would hold."""
 
     step = 256
+    smallest_window = 64
 
     def __init__(self, model, rows: int):
         self.rows = rows
@@ -327,6 +353,14 @@ class BatchCache:
     @property
     def capacity(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def window(self, need: int) -> int:
+        """How many of each row's first positions a compiled pass's attention reads, when its queries
+        see positions < need: a power of two, at least `smallest_window`, at most the capacity. A CPU
+        pays for every position it scores, masked or not (8 rows of the overhead-bound architecture:
+        ~18 vs ~24 ms a step over 64 positions rather than 256), and powers of two keep the traces
+        few (64, 128, 256, then the capacity)."""
+        return min(self.capacity, max(self.smallest_window, 1 << (need - 1).bit_length()))
 
     def reserve(self, need: int):
         """Room for `need` positions in every row of every layer (a whole number of steps)."""
@@ -351,13 +385,14 @@ def decode(compiled, cache: BatchCache, last: dict, blocks: dict | None = None):
     """One token for each row in `last` ({row: its last token, an int or an unread int [1] array}), through the compiled step
     `compiled` (step.batch_forward's) over rows 0..B-1, and in the same pass each speculative row's
     block in `blocks` ({row: (block int32 [n <= width], width)}, padded to width). A row in 0..B-1
-    with nothing to decode is fed a dummy token at its first free position, scratch by definition
-    (a row's positions past its length are never read), so its kept prefix is untouched; a block
-    on such a row is written after it. -> (logits [B, vocab] by row, {row: its block's logits [n,
+    with nothing to decode is fed a dummy token at its first free position (after the block, if it
+    has one), scratch by definition (a row's positions past its length are never read), so its kept
+    prefix is untouched. -> (logits [B, vocab] by row, {row: its block's logits [n,
     vocab]}); every row advances by what it was given."""
     blocks = blocks or {}
     B = batch_bucket(max(last) + 1, cache.rows)
-    offsets = cache.lengths[:B]
+    # A speculative row's dummy token goes after its block's positions: no two writes of a pass collide.
+    offsets = [n + blocks[r][1] if r in blocks else n for r, n in enumerate(cache.lengths[:B])]
     cache.reserve(max([o + 1 for o in offsets] + [cache.lengths[r] + w for r, (_, w) in blocks.items()]))
     fed = [last.get(r, 0) for r in range(B)]
     if all(isinstance(t, int) for t in fed):
@@ -367,7 +402,10 @@ def decode(compiled, cache: BatchCache, last: dict, blocks: dict | None = None):
                                  for t in fed])[:, None]
     parts = [(padded(block, width)[None], mx.array([cache.lengths[row]], mx.int32), mx.array([row], mx.int32))
              for row, (block, width) in blocks.items()]
-    logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32), parts, cache.keys, cache.values)
+    # What a query sees: the rows decoding and the blocks (a dummy row's output is never read).
+    window = cache.window(max([cache.lengths[r] + 1 for r in last] + [cache.lengths[r] + w for r, (_, w) in blocks.items()]))
+    logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32), parts, cache.keys, cache.values,
+                                                window)
     for row in last:
         cache.lengths[row] += 1
     verified = {}
@@ -384,7 +422,7 @@ def verify_row(compiled, cache: BatchCache, row: int, block: mx.array, width: in
     n, offset = block.shape[0], cache.lengths[row]
     cache.reserve(offset + width)
     logits, cache.keys, cache.values = compiled(padded(block, width)[None], mx.array([offset], mx.int32), cache.keys,
-                                                cache.values, mx.array([row], mx.int32))
+                                                cache.values, mx.array([row], mx.int32), cache.window(offset + width))
     cache.lengths[row] += n
     return logits[0, :n]
 

@@ -10,7 +10,15 @@ sequence's KVCache, or, for several sequences' tokens packed along one axis, a
 `Model.decode` is a pure function of T tokens per row (one when decoding, a
 fixed width when verifying a speculative block), their positions as arrays and
 fixed-size KV buffers, so that `mx.compile` traces it once per buffer size and
-replays it for every token (elm_mlx/step.py)."""
+replays it for every token (elm_mlx/step.py).
+
+In the compiled forward every token is a row of its own (the layout of one
+decoding token per row) for the projections, RoPE, the cache writes and the
+FFN, and only attention groups tokens by the row of keys they read
+(Model.place, a Pass of Positions): a speculative block of k + 1 tokens beside
+the decode rows then adds ~19 graph nodes a layer to their ~107, not a second
+heads layout, RoPE and write of its own (~61; bench/decode_nodes.py), and a
+small model's CPU step costs what its node count costs."""
 
 import itertools
 import math
@@ -24,17 +32,34 @@ from .config import OpenELMConfig
 
 
 class Position(NamedTuple):
-    """Where one part of a compiled forward's tokens go (Model.position): B rows of T tokens, row b's
-    at offsets[b] (int32 [B]) onward in buffer row rows[b] (None: row b), each query seeing the
-    positions `visible` (bool [B, 1, T, capacity]) marks; rope: the rotations as matrices (None:
-    mx.fast's kernels)."""
-    offsets: mx.array
+    """One part of a compiled forward's tokens (Model.place): B rows of T tokens, the pass's tokens
+    `span` (rows major), reading buffer rows `rows` (None: rows 0..B-1), each query seeing the
+    positions `visible` marks (bool, laid out as attention reads it)."""
     rows: mx.array | None
     visible: mx.array
-    rope: mx.array | None
     shape: tuple
-    start: mx.array | None  # one row (B = 1): where its block starts in the buffers, on axes `axes`
+    first: int
+    masks: dict  # cached_attention's for T > 1, by query heads per KV head: built once a pass
+
+    @property
+    def span(self) -> slice:
+        return slice(self.first, self.first + self.shape[0] * self.shape[1])
+
+
+class Pass(NamedTuple):
+    """Where a compiled forward's N tokens go (Model.place). For the projections, RoPE and the cache
+    writes every token is a row of its own (the layout of one decoding token per row), so several
+    parts cost one heads layout, one RoPE and one write per layer; only attention runs per part.
+    Token i sits at positions[i] (int32 [N]) in buffer row rows[i] (int32 [N]); rope: each token's
+    rotation as a matrix ([N, 1, hd, hd]; None: mx.fast's kernels); start/axes: where a pass of one
+    row writes its tokens with a slice update (else rows is set and one scatter writes them)."""
+    positions: mx.array
+    rows: mx.array | None
+    rope: mx.array | None
+    parts: list
+    start: mx.array | None
     axes: tuple
+    window: int  # attention reads each row's first `window` positions
 
 
 class Segments(list):
@@ -60,8 +85,8 @@ class Attention(nn.Module):
     def qkv(self, x, offset, rope=None):
         """Queries, keys and values [B, heads, T, head_dim] of x [B, T, dim], rotated
         for positions offset.. (an int, or int32 [B] in a compiled step). rope: each
-        row's rotation as a matrix instead of mx.fast.rope (Model.rope_matrix; [B, 1,
-        hd, hd] for one token, [B, 1, T, hd, hd] for T), see decode."""
+        row's rotation as a matrix instead of mx.fast.rope (Model.rope_matrix, [B, 1,
+        hd, hd]; T = 1 only), see decode."""
         return self.heads(self.qkv_proj(x), offset, rope)
 
     def heads(self, qkv, offset, rope):
@@ -77,9 +102,7 @@ class Attention(nn.Module):
             at = offset if isinstance(offset, int) or B > 1 else offset[0]
             rotate = dict(traditional=False, base=self.rope_base, scale=1.0, offset=at)
             return mx.fast.rope(q, hd, **rotate), mx.fast.rope(k, hd, **rotate), v
-        if T == 1:
-            return q @ rope, k @ rope, v
-        return *((a[:, :, :, None] @ rope)[:, :, :, 0] for a in (q, k)), v
+        return q @ rope, k @ rope, v  # one token per row (decode's layout)
 
     def sdpa(self, q, k, v, mask):
         """mx.fast's attention, heads merged -> [B, T, n_q * head_dim]. GQA: SDPA maps query head h
@@ -108,61 +131,65 @@ class Attention(nn.Module):
             outs.append(self.sdpa(q, k, v, "causal" if c.length > 1 else None))
         return self.out_proj(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1))
 
-    def decode(self, x, parts: list, keys, values):
-        """The compiled forward's attention (Model.decode_parts): x holds the tokens of `parts`, each
-        part B rows of T tokens (T = 1: decoding; T > 1: a speculative block, or one token and scratch
-        after it) -- x [B, T, dim] for one part, else all packed as [1, sum B * T, dim], so that the
-        projections read the weights once. Per part (a Position): row b's tokens are at positions
-        offsets[b] .. offsets[b] + T - 1; their keys and values are written into buffer rows `rows`
-        (default 0..B-1) of the fixed-size keys/values [R, kv_heads, capacity, head_dim], and each
-        query attends to the positions `visible` marks. -> (out, keys, values)"""
-        qkv = self.qkv_proj(x)
-        if len(parts) == 1:
-            blocks = [qkv]
+    def decode(self, x, where: "Pass", keys, values):
+        """The compiled forward's attention (Model.decode_parts): x [N, 1, dim] holds the tokens of
+        where.parts, each token a row. Their keys and values are written into the fixed-size
+        keys/values [R, kv_heads, capacity, head_dim] at their rows and positions; then per part
+        (B rows of T tokens: T = 1 decoding, T > 1 a speculative block or a token and scratch after
+        it) each query attends to the positions its `visible` marks. -> (out [N, 1, dim], keys, values)"""
+        q, k, v = self.heads(self.qkv_proj(x), where.positions, where.rope)  # [N, heads, 1, head_dim]
+        if where.rows is None:  # one row: its tokens in place
+            if k.shape[0] > 1:
+                k, v = k.transpose(2, 1, 0, 3), v.transpose(2, 1, 0, 3)  # [1, kv heads, N, head_dim]
+            keys = mx.slice_update(keys, k, where.start, axes=where.axes)
+            values = mx.slice_update(values, v, where.start, axes=where.axes)
+        else:  # each token at its own row and position: one scatter
+            keys[where.rows, :, where.positions] = k[:, :, 0]
+            values[where.rows, :, where.positions] = v[:, :, 0]
+        rotated = where.rope is not None
+        if rotated:  # scaled once for every part
+            q = q * self.head_dim**-0.5
+        if len(where.parts) == 1:
+            out = self.cached_attention(q, where.parts[0], keys, values, rotated, where.window)
         else:
-            sizes = [p.shape for p in parts]
-            cuts = list(itertools.accumulate(b * t for b, t in sizes))[:-1]
-            blocks = [a.reshape(b, t, -1) for a, (b, t) in zip(mx.split(qkv[0], cuts), sizes)]
-        outs = []
-        for qkv, part in zip(blocks, parts):
-            out, keys, values = self.cached_attention(qkv, part, keys, values)
-            outs.append(out)
-        out = outs[0] if len(outs) == 1 else mx.concatenate([o.reshape(1, -1, o.shape[-1]) for o in outs], axis=1)
+            out = mx.concatenate([self.cached_attention(q[p.span], p, keys, values, rotated, where.window)
+                                  for p in where.parts])
         return self.out_proj(out), keys, values
 
-    def cached_attention(self, qkv, part, keys, values):
-        """One part's attention over the KV buffers (decode), its new keys and values written in.
-        `part.rope` set: RoPE as matrices and attention as an explicit GQA matmul pair, fewer,
-        larger ops than the CPU backend's composed mx.fast kernels, since a CPU decode step is
-        bound by their count. None: mx.fast.rope and mx.fast.scaled_dot_product_attention, single
-        kernels on a GPU. -> (heads merged [B, T, n_q * head_dim], keys, values)"""
-        (B, T), hd, offsets, rows = qkv.shape[:2], self.head_dim, part.offsets, part.rows
-        q, k, v = self.heads(qkv, offsets, part.rope)
-        if B == 1:  # one row (a sequence's step or block, a speculative row's block): a slice update
-            keys = mx.slice_update(keys, k, part.start, axes=part.axes)
-            values = mx.slice_update(values, v, part.start, axes=part.axes)
-        else:  # each row at its own position: one scatter
-            at = mx.arange(B) if rows is None else rows
-            if T == 1:
-                keys[at, :, offsets], values[at, :, offsets] = k[:, :, 0], v[:, :, 0]
-            else:
-                positions = offsets[:, None] + mx.arange(T)[None]
-                keys[at[:, None], :, positions] = k.transpose(0, 2, 1, 3)
-                values[at[:, None], :, positions] = v.transpose(0, 2, 1, 3)
+    def cached_attention(self, q, part: "Position", keys, values, rotated: bool, window: int):
+        """One part's attention over the KV buffers (decode): its queries q [B * T, n_q, 1, head_dim]
+        (rows major). `rotated` (RoPE as matrices, on a CPU; q already scaled): attention as an
+        explicit GQA matmul pair, each of the part's T tokens a query row of its own against its
+        row's keys, so a block costs what decoding rows costs, in ops; that is fewer, larger ops than
+        the CPU backend's composed mx.fast kernels, and a CPU decode step is bound by their count.
+        Else mx.fast.scaled_dot_product_attention, one kernel on a GPU.
+        -> heads merged [B * T, 1, n_q * head_dim]"""
+        (B, T), hd, rows = part.shape, self.head_dim, part.rows
         if rows is not None:
             K, V = (keys[rows], values[rows]) if B > 1 else (
                 mx.slice(a, rows, axes=(0,), slice_size=(1, *a.shape[1:])) for a in (keys, values))
         else:
             K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
-        if part.rope is None:
-            return self.sdpa(q, K, V, part.visible), keys, values
-        # Query head h reads KV head h // g, as SDPA does: group g's queries are rows (i, t) of one matmul.
-        g = self.n_q // self.n_kv
-        q = (q * hd**-0.5).reshape(B, self.n_kv, g * T, hd)
-        seen = part.visible if T == 1 else mx.tile(part.visible, (1, 1, g, 1))
-        scores = mx.where(seen, q @ K.swapaxes(-1, -2), -mx.inf)
-        out = mx.softmax(scores, axis=-1, precise=True) @ V
-        return merge_heads(out if T == 1 else out.reshape(B, self.n_q, T, hd), T), keys, values
+        if window < K.shape[2]:
+            K, V = K[:, :, :window], V[:, :, :window]
+        if not rotated:
+            q = q.reshape(B, T, self.n_q, hd).transpose(0, 2, 1, 3)
+            out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=part.visible)
+            return merge_heads(out, T).reshape(B * T, 1, -1)
+        # Query head h reads KV head h // g, as SDPA does: group g's queries are rows of one matmul,
+        # and a block's T tokens are T times as many rows (token major) against the same keys.
+        n_kv, g = self.n_kv, self.n_q // self.n_kv
+        if T == 1:
+            q, seen = q.reshape(B, n_kv, g, hd), part.visible
+        else:
+            q = q.reshape(B, T, n_kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, n_kv, T * g, hd)
+            seen = part.masks.get(g)
+            if seen is None:  # [B, T, window] -> each token's row repeated for its g heads, once a pass
+                seen = part.masks[g] = mx.repeat(part.visible, g, axis=1)[:, None]
+        out = mx.softmax(mx.where(seen, q @ K.swapaxes(-1, -2), -mx.inf), axis=-1, precise=True) @ V
+        if T > 1:
+            out = out.reshape(B, n_kv, T, g, hd).transpose(0, 2, 1, 3, 4)
+        return out.reshape(B * T, 1, -1)
 
 
 def merge_heads(out, T: int):
@@ -242,7 +269,8 @@ class Model(nn.Module):
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)
 
-    def decode(self, token, offsets, keys: list, values: list, fused_kernels: bool | None = None, rows=None):
+    def decode(self, token, offsets, keys: list, values: list, fused_kernels: bool | None = None, rows=None,
+               window: int | None = None):
         """The compiled steps' forward (see the module docstring): token int32
         [B, 1], row b at position offsets[b] (int32 array [B]), per-layer KV
         buffers of one capacity whose rows 0..B-1 hold positions < offsets
@@ -252,52 +280,64 @@ class Model(nn.Module):
         at offsets[b] onward, each position seeing those before it) -> logits
         [B, T, vocab]. `rows` (int32 [B]): the buffer rows they are, if not
         0..B-1. fused_kernels: use mx.fast's RoPE and attention kernels
-        (default: on a GPU backend; see Attention.cached_attention)."""
-        (logits,), keys, values = self.decode_parts([(token, offsets, rows)], keys, values, fused_kernels)
+        (default: on a GPU backend; see Attention.cached_attention). window:
+        attention reads only each row's first `window` positions (None: the
+        whole buffer), which must hold every position a query sees."""
+        (logits,), keys, values = self.decode_parts([(token, offsets, rows)], keys, values, fused_kernels, window)
         return logits, keys, values
 
-    def decode_parts(self, parts: list, keys: list, values: list, fused_kernels: bool | None = None):
+    def decode_parts(self, parts: list, keys: list, values: list, fused_kernels: bool | None = None,
+                     window: int | None = None):
         """decode() of several parts in one pass: parts [(token [B, T], offsets [B], rows [B] or None)],
-        e.g. the batch engine's decode rows and a speculative row's block. Their tokens are packed along
-        one axis for the projections and the FFN, so the weights are read once; attention runs per part.
-        A later part's writes land after an earlier one's (a decode row's scratch token, then a block at
-        the same position). -> ([logits per part, as decode()'s], keys, values)"""
+        e.g. the batch engine's decode rows and a speculative row's block. Their tokens are packed, one
+        row each, for the projections, RoPE, the cache writes and the FFN, so the weights are read once
+        and each layer's op count barely grows with the parts; attention runs per part. No two parts
+        may write the same row and position. -> ([logits per part, as decode()'s], keys, values)"""
         t = self.transformer
         if fused_kernels is None:
             fused_kernels = mx.default_device() != mx.cpu
-        where = [self.position(token.shape, offsets, rows, keys[0].shape[2], fused_kernels)
-                 for token, offsets, rows in parts]
-        if len(parts) == 1:
-            h = t.token_embeddings(parts[0][0])
-        else:
-            h = t.token_embeddings(mx.concatenate([token.reshape(1, -1) for token, _, _ in parts], axis=1))
+        where = self.place(parts, window or keys[0].shape[2], fused_kernels)
+        tokens = mx.concatenate([token.reshape(-1) for token, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+        h = t.token_embeddings(tokens.reshape(-1, 1))  # [N, 1, dim]
         new_keys, new_values = [], []
         for layer, k, v in zip(t.layers, keys, values):
             h, k, v = layer.decode(h, where, k, v)
             new_keys.append(k)
             new_values.append(v)
-        logits = self.head(t.norm(h))
-        if len(parts) == 1:
-            blocks = [logits]
-        else:
-            cuts = list(itertools.accumulate(b * n for b, n in (p.shape for p in where)))[:-1]
-            blocks = [a.reshape(*p.shape, -1) for a, p in zip(mx.split(logits[0], cuts), where)]
-        return [a[:, -1, :] if a.shape[1] == 1 else a for a in blocks], new_keys, new_values
+        logits = self.head(t.norm(h))[:, 0]  # [N, vocab]
+        out = []
+        for p in where.parts:
+            (B, T), a = p.shape, logits if len(parts) == 1 else logits[p.span]
+            out.append(a if T == 1 else a.reshape(B, T, -1))
+        return out, new_keys, new_values
 
-    def position(self, shape, offsets, rows, capacity: int, fused_kernels: bool) -> "Position":
-        """Where a part's tokens [B, T] sit (decode_parts): query t of row b is at offsets[b] + t and
-        sees the positions up to it."""
-        B, T = shape
-        last = offsets[:, None] + mx.arange(T)[None]
-        visible = (mx.arange(capacity)[None, None] <= last[:, :, None]).reshape(B, 1, T, -1)
-        rope = None
-        if not fused_kernels:
-            rope = self.rope_matrix(last.reshape(-1)).reshape(B, 1, T, *([self.config.head_dim] * 2))
-            rope = rope[:, :, 0] if T == 1 else rope  # [B, 1, hd, hd] for one token
+    def place(self, parts: list, window: int, fused_kernels: bool) -> "Pass":
+        """Where decode_parts' tokens sit: query t of part row b is at offsets[b] + t and sees the
+        positions up to it, of the first `window` attention reads."""
+        where, positions, rows, first = [], [], [], 0
+        for token, offsets, part_rows in parts:
+            B, T = token.shape
+            at = offsets[:, None] + mx.arange(T)[None]  # [B, T]
+            visible = mx.arange(window)[None, None] <= at[:, :, None]  # [B, T, window]
+            # As attention reads it: SDPA's [B, 1, T, window]; cached_attention's scores [B, kv heads,
+            # g, window] for T = 1 (for T > 1 it lays the rows out per g: Position.masks).
+            if fused_kernels or T == 1:
+                visible = visible.reshape(B, 1, T, -1)
+            where.append(Position(part_rows, visible, (B, T), first, {}))
+            positions.append(at.reshape(-1))
+            buffer_rows = mx.arange(B, dtype=mx.int32) if part_rows is None else part_rows
+            rows.append(mx.broadcast_to(buffer_rows[:, None], (B, T)).reshape(-1))
+            first += B * T
+        positions = positions[0] if len(parts) == 1 else mx.concatenate(positions)
+        rope = None if fused_kernels else self.rope_matrix(positions)[:, None]  # [N, 1, hd, hd]
         start, axes = None, ()
-        if B == 1:
-            start, axes = (offsets, (2,)) if rows is None else (mx.concatenate([rows, offsets]), (0, 2))
-        return Position(offsets, rows, visible, rope, (B, T), start, axes)
+        if len(parts) == 1 and where[0].shape[0] == 1:  # one row: a slice update at its offset
+            offsets, part_rows = parts[0][1], parts[0][2]
+            start, axes = (offsets, (2,)) if part_rows is None else (mx.concatenate([part_rows, offsets]), (0, 2))
+            rows = None
+        else:
+            rows = rows[0] if len(rows) == 1 else mx.concatenate(rows)
+        return Pass(positions, rows, rope, where, start, axes, window)
 
     def rope_matrix(self, offsets):
         """R[b] with x @ R[b] == mx.fast.rope(x, offset=offsets[b]) (non-traditional,

@@ -256,6 +256,12 @@ class Verifier:
     def settle(self, logits) -> tuple[list[int], int]:
         """logits [1 + k, V], the model's at block()'s positions -> (the tokens produced: the guesses
         kept, then the model's own; how many of the block's positions to trim from the cache)."""
+        return self.accept(*self.check(logits))
+
+    def check(self, logits) -> tuple:
+        """settle()'s work on the device, unread: (each position's pick, whether each guess is kept).
+        The batch engine queues it with the step that verified the block and reads it a step later
+        (accept), so reading it waits for nothing queued after."""
         guesses, q, k, vocab = self.guesses, self.q, self.guesses.shape[0], self.vocab
         tokens = mx.concatenate([mx.array([self.pending], dtype=mx.int32), guesses])
         rows_seen = rows_counts = None
@@ -283,6 +289,11 @@ class Verifier:
             # One draw per position, each from what the rule says a stop there draws from;
             # only the one at the first rejection (or after the last guess) is used.
             pick = mx.random.categorical(mx.log(mx.concatenate([residual, p[k:]])), key=self._next_key())
+        return pick, agree
+
+    def accept(self, pick, agree) -> tuple[list[int], int]:
+        """settle() of check()'s arrays: reads them and moves the state past the tokens produced."""
+        guesses, k = self.guesses, self.guesses.shape[0]
         mx.eval(pick, agree)
         agree, pick = agree.tolist(), pick.tolist()
         a = next((i for i, ok in enumerate(agree) if not ok), k)

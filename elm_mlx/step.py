@@ -16,14 +16,13 @@ sequence outside it. Speculative verification runs a block of k + 1 positions
 through the same forward, padded to a fixed width so one trace serves every
 block: a single sequence's (`verify_block`) and, in the batch engine, each
 speculative row's as a part of the decode rows' pass (Model.decode_parts: the
-tokens packed for the projections and the FFN, so the weights are read once;
-attention per part, so no row pays k + 1 positions of attention but the
-speculative one), or alone on its row when no row decodes plainly
-(`row_blocks`). Prefill and the batch engine's prompt chunks stay eager
-(Model.__call__; the chunks packed, each on its row of the BatchCache:
-batch.prefill); the
-eager forward is also the reference these steps must equal
-(tests/test_step.py, tests/test_batch.py)."""
+tokens packed, each a row of its own, for the projections, RoPE, the cache
+writes and the FFN, so the weights are read once; attention per part, so no row
+pays k + 1 positions of attention but the speculative one), or alone on its row
+when no row decodes plainly (`row_blocks`). Prefill and the batch engine's
+prompt chunks stay eager (Model.__call__; the chunks packed, each on its row of
+the BatchCache: batch.prefill); the eager forward is also the reference these
+steps must equal (tests/test_step.py, tests/test_batch.py)."""
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -85,24 +84,25 @@ def _traced(model, name, build):
 
 def batch_forward(model):
     """The batch engine's compiled decode forward: (tokens int32 [B, 1], offsets int32 [B], blocks,
-    keys, values) -> ([logits [B, vocab], then each block's [1, width, vocab]], keys, values), where
+    keys, values, window) -> ([logits [B, vocab], then each block's [1, width, vocab]], keys, values), where
     keys/values are the BatchCache's per-layer [rows >= B, kv heads, capacity, head_dim] buffers, row
     b decodes at position offsets[b], and blocks = [(tokens int32 [1, width], offset int32 [1], row
     int32 [1])] are speculative rows' blocks verified in the same pass (Model.decode_parts: the
-    weights read once). One trace per (capacity bucket, B, block widths): the engine pads B to a
-    power of two. Sampling stays per sequence (sample.SequenceSampler: its own penalties, random
+    weights read once), attention reading each row's first `window` positions (an int: BatchCache.window).
+    One trace per (capacity bucket, window, B, block widths): the engine pads B to a power of two. Sampling stays per sequence (sample.SequenceSampler: its own penalties, random
     key and constraint), outside."""
-    def run(tokens, offsets, blocks, keys, values):
-        return model.decode_parts([(tokens, offsets, None)] + [tuple(b) for b in blocks], keys, values)
+    def run(tokens, offsets, blocks, keys, values, window):
+        return model.decode_parts([(tokens, offsets, None)] + [tuple(b) for b in blocks], keys, values, window=window)
 
     return _traced(model, "batch", lambda: mx.compile(run))
 
 
 def row_blocks(model):
     """The batch engine's compiled verification: (tokens int32 [1, width], offset int32 [1], keys,
-    values, row int32 [1]) -> (logits [1, width, vocab], keys, values): one row's speculative block
-    through the BatchCache buffers, beside the decode rows' step (one trace per capacity and width)."""
-    return _traced(model, "row", lambda: mx.compile(lambda t, o, k, v, r: model.decode(t, o, k, v, rows=r)))
+    values, row int32 [1], window) -> (logits [1, width, vocab], keys, values): one row's speculative
+    block through the BatchCache buffers, in a step with no plain row (one trace per capacity,
+    window and width)."""
+    return _traced(model, "row", lambda: mx.compile(lambda t, o, k, v, r, w: model.decode(t, o, k, v, rows=r, window=w)))
 
 
 def verify_block(model, width: int):

@@ -421,3 +421,128 @@ def test_plain_steps_are_pipelined_and_an_end_on_eos_wastes_only_a_draw(tied):
     assert b.tokens == want[:stop] and b.finish == "stop"
     assert engine.kept[rows[1]] == ids[1] + b.tokens  # EOS fed: in the row
     assert engine.kept[rows[0]] == ids[0] + a.tokens[:-1]  # the last token of a length end is never fed
+
+
+@pytest.mark.parametrize("fused_kernels", [False, True])
+def test_decode_parts_with_a_block_equal_eager_forwards_on_either_kernel_path(model, fused_kernels):
+    """Model.decode_parts, eager (not compiled), on both attention paths (RoPE as matrices and explicit
+    GQA matmuls on a CPU; mx.fast's RoPE and SDPA on a GPU): decode rows and a block on a row past them,
+    each token's logits equal to one eager forward over its row's ids."""
+    from elm_mlx.batch import BatchCache, prefill
+
+    cache = BatchCache(model, 4)
+    ids = prompts(4, seed=41)
+    prefill(model, cache, list(enumerate(ids)), [False] * 4)
+    block = [9, 4, 17]
+    parts = [(mx.array([[5], [6], [7]], mx.int32), mx.array(cache.lengths[:3], mx.int32), None),
+             (mx.array([block], mx.int32), mx.array([cache.lengths[3]], mx.int32), mx.array([3], mx.int32))]
+    (rows, blk), _, _ = model.decode_parts(parts, cache.keys, cache.values, fused_kernels=fused_kernels)
+    for r, token in enumerate([5, 6, 7]):
+        ref = np.array(model(mx.array([ids[r] + [token]]))[0, -1])
+        assert np.abs(np.array(rows[r]) - ref).max() <= 1e-5, r
+    ref = np.array(model(mx.array([ids[3] + block]))[0, -len(block):])
+    assert blk.shape == (1, 3, ref.shape[-1]) and np.abs(np.array(blk[0]) - ref).max() <= 1e-5
+
+
+def test_a_block_rows_scratch_token_is_written_after_the_block():
+    """A speculative row inside the decode rows' range is fed a scratch token too (the compiled pass
+    runs rows 0..B-1); it goes past the block's positions, so no two writes of the pass collide."""
+    from elm_mlx.batch import BatchCache, decode
+
+    class Model:  # what BatchCache reads
+        config = type("C", (), dict(num_kv_heads=[1], head_dim=4))()
+        dtype = mx.float32
+        layers = [None]
+
+    seen = {}
+
+    def compiled(tokens, offsets, parts, keys, values, window):
+        seen["offsets"], seen["blocks"] = offsets.tolist(), [(p[1].tolist(), p[2].tolist()) for p in parts]
+        return [mx.zeros((tokens.shape[0], 8))] + [mx.zeros((1, p[0].shape[1], 8)) for p in parts], keys, values
+
+    cache = BatchCache(Model(), 4)
+    cache.lengths = [10, 20, 30, 40]
+    decode(compiled, cache, {0: 5, 3: 6}, {1: (mx.array([1, 2, 3], mx.int32), 4)})
+    assert seen["blocks"] == [([20], [1])]
+    assert seen["offsets"] == [10, 24, 30, 40]  # row 1: its scratch token after its block's 4 positions
+    assert cache.lengths == [11, 23, 30, 41]
+
+
+def test_a_block_beside_plain_rows_is_read_in_the_next_step_and_alone_at_once(tied):
+    """Beside pipelined plain rows, a block verified in one step is read in the next (while that
+    step computes) and the row gets no block in that step; once it runs alone, each block is read
+    in its own step. Every text equals its greedy text alone."""
+    from elm_mlx.speculative import make_proposer
+
+    p, q = lookup_prompts(1, seed=31)[0], prompts(1, seed=32)[0]
+    engine = BatchEngine(tied, max_batch=2)
+    spec = engine.add(p, 24, proposer=make_proposer(tied, prompt_lookup=4))
+    plain = engine.add(q, 5)
+    engine.step()  # both prompts read: the first tokens
+    assert len(spec.tokens) == 1 and spec.unsettled is None
+    engine.step()  # its block verified beside the plain row, not read yet
+    assert spec.unsettled is not None and len(spec.tokens) == 1 and spec.spec.stats.target_forwards == 1
+    engine.step()  # read while this step computes; no block in this step
+    assert spec.unsettled is None and len(spec.tokens) > 1 and spec.spec.stats.target_forwards == 2
+    engine.step()  # the next block, verified beside the plain row
+    assert spec.unsettled is not None and spec.spec.stats.target_forwards == 2
+    while plain.finish is None:
+        engine.step()
+    if spec.unsettled is not None:
+        engine.step()  # the block of the plain row's last step, read
+    while spec.finish is None:  # alone: a block is verified and read in the same step
+        before = spec.spec.stats.target_forwards
+        engine.step()
+        assert spec.unsettled is None and spec.spec.stats.target_forwards == before + 1
+    assert spec.tokens == alone(tied, p, 24) and plain.tokens == alone(tied, q, 5)
+    assert spec.spec.stats.accepted > 0  # guesses were kept: real blocks were verified
+
+
+def test_a_sequence_cancelled_with_a_block_unread_keeps_a_consistent_row(tied):
+    """A speculative sequence cancelled while its block is verified but unread: it ends with the tokens
+    it had, its row keeps a prefix of them, and a prompt continuing its text reuses the row and
+    decodes what it decodes alone."""
+    from elm_mlx.speculative import make_proposer
+
+    p, q = lookup_prompts(1, seed=33)[0], prompts(1, seed=34)[0]
+    engine = BatchEngine(tied, max_batch=2)
+    spec = engine.add(p, 30, proposer=make_proposer(tied, prompt_lookup=4))
+    engine.add(q, 12)
+    engine.step()
+    engine.step()
+    assert spec.unsettled is not None
+    had = list(spec.tokens)
+    engine.cancel(spec)
+    engine.step()
+    assert spec.finish == "cancelled" and spec.tokens == had and spec.unsettled is None
+    kept = engine.kept[next(r for r in range(2) if engine.kept[r][: len(p)] == p)]
+    assert kept == (p + had)[: len(kept)] and len(kept) >= len(p)
+    while engine.has_work():
+        engine.step()
+    follow = p + had + [7, 8]
+    again = run(engine, {0: [(follow, 6, {})]})[0]
+    assert again.reused >= len(p) and again.tokens == alone(tied, follow, 6)
+
+
+def test_attention_windows_smaller_than_the_buffer_change_no_token(model, monkeypatch):
+    """The compiled pass's attention reads each row's first BatchCache.window(need) positions, a power
+    of two below the capacity: with windows from 4 up, rows of different lengths, a prompt-lookup
+    request's blocks beside them and one alone cross several windows (new traces), and every text
+    equals its greedy text alone."""
+    from elm_mlx.batch import BatchCache
+    from elm_mlx.speculative import make_proposer
+
+    monkeypatch.setattr(BatchCache, "step", 64)
+    monkeypatch.setattr(BatchCache, "smallest_window", 4)
+    used = []
+    window = BatchCache.window
+    monkeypatch.setattr(BatchCache, "window", lambda self, need: used.append((need, window(self, need))) or used[-1][1])
+    ps = [p[:6] for p in prompts(3, seed=51)] + [lookup_prompts(1, seed=52)[0]]
+    engine = BatchEngine(model, max_batch=4)
+    seqs = [engine.add(p, 20 + 6 * i) for i, p in enumerate(ps[:3])]
+    seqs.append(engine.add(ps[3], 40, proposer=make_proposer(model, prompt_lookup=3)))
+    run(engine)
+    for p, seq in zip(ps, seqs):
+        assert seq.tokens == alone(model, p, seq.max_tokens)
+    windows = {w for _, w in used}
+    assert {8, 16, 32} <= windows and all(need <= w for need, w in used)  # buffers of 64 and 128 positions
