@@ -212,7 +212,7 @@ class BatchEngine:
         if not seq.tokens:
             tokens, drop = [seq.spec.first(logits)], 0
         else:
-            tokens, drop = seq.spec.accept(*(check if check is not None else seq.spec.check(logits)))
+            tokens, drop = seq.spec.accept(*check) if check is not None else seq.spec.settle(logits)
         self.cache.lengths[seq.row] -= drop
         out = []
         for token in tokens:
@@ -393,7 +393,8 @@ def decode(compiled, cache: BatchCache, last: dict, blocks: dict | None = None):
     B = batch_bucket(max(last) + 1, cache.rows)
     # A speculative row's dummy token goes after its block's positions: no two writes of a pass collide.
     offsets = [n + blocks[r][1] if r in blocks else n for r, n in enumerate(cache.lengths[:B])]
-    cache.reserve(max([o + 1 for o in offsets] + [cache.lengths[r] + w for r, (_, w) in blocks.items()]))
+    block_ends = [cache.lengths[r] + w for r, (_, w) in blocks.items()]
+    cache.reserve(max([o + 1 for o in offsets] + block_ends))
     fed = [last.get(r, 0) for r in range(B)]
     if all(isinstance(t, int) for t in fed):
         tokens = mx.array(fed, mx.int32)[:, None]
@@ -403,7 +404,7 @@ def decode(compiled, cache: BatchCache, last: dict, blocks: dict | None = None):
     parts = [(padded(block, width)[None], mx.array([cache.lengths[row]], mx.int32), mx.array([row], mx.int32))
              for row, (block, width) in blocks.items()]
     # What a query sees: the rows decoding and the blocks (a dummy row's output is never read).
-    window = cache.window(max([cache.lengths[r] + 1 for r in last] + [cache.lengths[r] + w for r, (_, w) in blocks.items()]))
+    window = cache.window(max([cache.lengths[r] + 1 for r in last] + block_ends))
     logits, cache.keys, cache.values = compiled(tokens, mx.array(offsets, mx.int32), parts, cache.keys, cache.values,
                                                 window)
     for row in last:

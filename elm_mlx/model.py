@@ -16,7 +16,7 @@ In the compiled forward every token is a row of its own (the layout of one
 decoding token per row) for the projections, RoPE, the cache writes and the
 FFN, and only attention groups tokens by the row of keys they read
 (Model.place, a Pass of Positions): a speculative block of k + 1 tokens beside
-the decode rows then adds ~19 graph nodes a layer to their ~107, not a second
+the decode rows then adds ~18 graph nodes a layer to their ~107, not a second
 heads layout, RoPE and write of its own (~61; bench/decode_nodes.py), and a
 small model's CPU step costs what its node count costs."""
 
@@ -146,19 +146,18 @@ class Attention(nn.Module):
         else:  # each token at its own row and position: one scatter
             keys[where.rows, :, where.positions] = k[:, :, 0]
             values[where.rows, :, where.positions] = v[:, :, 0]
-        rotated = where.rope is not None
-        if rotated:  # scaled once for every part
+        if where.rope is not None:  # scaled once for every part
             q = q * self.head_dim**-0.5
         if len(where.parts) == 1:
-            out = self.cached_attention(q, where.parts[0], keys, values, rotated, where.window)
+            out = self.cached_attention(q, where.parts[0], where, keys, values)
         else:
-            out = mx.concatenate([self.cached_attention(q[p.span], p, keys, values, rotated, where.window)
-                                  for p in where.parts])
+            out = mx.concatenate([self.cached_attention(q[p.span], p, where, keys, values) for p in where.parts])
         return self.out_proj(out), keys, values
 
-    def cached_attention(self, q, part: "Position", keys, values, rotated: bool, window: int):
-        """One part's attention over the KV buffers (decode): its queries q [B * T, n_q, 1, head_dim]
-        (rows major). `rotated` (RoPE as matrices, on a CPU; q already scaled): attention as an
+    def cached_attention(self, q, part: "Position", where: "Pass", keys, values):
+        """One part of the pass `where`: its attention over the first where.window positions of the KV
+        buffers (decode), for its queries q [B * T, n_q, 1, head_dim] (rows major). With where.rope
+        (RoPE as matrices, on a CPU; q already scaled): attention as an
         explicit GQA matmul pair, each of the part's T tokens a query row of its own against its
         row's keys, so a block costs what decoding rows costs, in ops; that is fewer, larger ops than
         the CPU backend's composed mx.fast kernels, and a CPU decode step is bound by their count.
@@ -170,9 +169,9 @@ class Attention(nn.Module):
                 mx.slice(a, rows, axes=(0,), slice_size=(1, *a.shape[1:])) for a in (keys, values))
         else:
             K, V = (keys, values) if keys.shape[0] == B else (keys[:B], values[:B])
-        if window < K.shape[2]:
-            K, V = K[:, :, :window], V[:, :, :window]
-        if not rotated:
+        if where.window < K.shape[2]:
+            K, V = K[:, :, :where.window], V[:, :, :where.window]
+        if where.rope is None:
             q = q.reshape(B, T, self.n_q, hd).transpose(0, 2, 1, 3)
             out = mx.fast.scaled_dot_product_attention(q, K, V, scale=hd**-0.5, mask=part.visible)
             return merge_heads(out, T).reshape(B * T, 1, -1)
